@@ -1,0 +1,22 @@
+"""rlhf_recipes: PPO recipes that steer a language model on one GPU, over TRL and PEFT.
+
+A recipe is a short Python file that builds one `Recipe`; `train(recipe)` runs it.
+Importing this package is cheap: torch and TRL load only when training starts.
+"""
+from . import quiet
+from .config import PPO, Eval, Generation, Policy, Prompts, Recipe, RecipeError, Reward, Run
+from .recipe import apply_overrides, load_recipe, shipped_recipes
+
+quiet.install()
+
+__all__ = ["PPO", "Eval", "Generation", "Policy", "Prompts", "Recipe", "RecipeError", "Reward", "Run",
+           "apply_overrides", "load_recipe", "shipped_recipes", "train"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "train":  # lazy: pulls in torch, transformers and TRL
+        from .train import train
+
+        return train
+    raise AttributeError(f"module 'rlhf_recipes' has no attribute {name!r}")

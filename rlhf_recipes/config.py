@@ -1,0 +1,358 @@
+"""The recipe: typed, frozen, self-validating sections.
+
+A recipe file builds one `Recipe` from these sections. Every section checks its own
+fields when it is built (and again when a command-line override replaces a field), so a
+bad value fails at start-up with an error that names the field, never mid-run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+
+class RecipeError(ValueError):
+    """A recipe, override or input the user can fix. The CLI prints it on one line and exits 2."""
+
+
+# ---------------------------------------------------------------------------- types
+def type_name(tp: Any) -> str:
+    """How a field's type reads in an error message."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(type_name(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is tuple:
+        return f"a comma-separated list of {type_name(args[0])}"
+    if origin is Callable or tp is Callable:
+        return "a callable or 'module:function'"
+    if tp is type(None):
+        return "none"
+    if tp is bool:
+        return "true/false"
+    return getattr(tp, "__name__", str(tp))
+
+
+def conforms(value: Any, tp: Any) -> bool:
+    """Whether `value` is of the annotated type (bool is not an int, an int is a float)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(conforms(value, a) for a in args)
+    if origin is Literal:
+        return value in args
+    if origin is tuple:
+        return isinstance(value, tuple) and all(conforms(v, args[0]) for v in value)
+    if origin is Callable or tp is Callable:
+        return callable(value)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _wants_float(tp: Any) -> bool:
+    return tp is float or (float in typing.get_args(tp) and int not in typing.get_args(tp))
+
+
+class Section:
+    """Base of every recipe section: type-checks each field, then runs `check()`."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):  # recipes may write lists where tuples are meant
+                value = tuple(value)
+                object.__setattr__(self, f.name, value)
+            if not conforms(value, hints[f.name]):
+                raise RecipeError(
+                    f"{self.key(f.name)} must be {type_name(hints[f.name])}, got {value!r}"
+                )
+            if type(value) is int and _wants_float(hints[f.name]):
+                object.__setattr__(self, f.name, float(value))  # so 1 and 1.0 print and save alike
+        self.check()
+
+    section: typing.ClassVar[str] = ""
+
+    def key(self, name: str) -> str:
+        return f"{self.section}.{name}"
+
+    def require(self, ok: bool, name: str, what: str) -> None:
+        """Raise a RecipeError naming the field unless `ok`."""
+        if not ok:
+            raise RecipeError(f"{self.key(name)} {what}, got {getattr(self, name)!r}")
+
+    def check(self) -> None:
+        """Section-specific rules; the default has none."""
+
+
+def _positive(section: Section, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        section.require(value is None or (value > 0 and math.isfinite(value)), name, "must be > 0")
+
+
+# ---------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class Policy(Section):
+    """The causal LM that PPO trains: a frozen base, LoRA adapters and a value head.
+
+    The reference model is this same base with its adapters switched off, so it costs no
+    second copy. Dropout is switched off in the base when it loads: PPO's ratio and the
+    KL penalty assume that the policy that sampled is the policy that is scored.
+    """
+
+    section: typing.ClassVar[str] = "policy"
+    model: str
+    """Hub id or local directory of a causal LM."""
+    quantization: Literal["none", "8bit", "4bit"] = "none"
+    """Load the frozen base in 8-bit or 4-bit (nf4) with bitsandbytes; LoRA and value head stay fp32."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """dtype of the base weights (and of 4-bit compute). Adapters and value head are always fp32."""
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    """0 by default: dropout makes training and scoring forward passes disagree."""
+    lora_target_modules: Optional[tuple[str, ...]] = None
+    """Module names to adapt; none means PEFT's default for the architecture."""
+    trust_remote_code: bool = False
+
+    def check(self) -> None:
+        self.require(bool(self.model.strip()), "model", "must name a Hub id or a local directory")
+        _positive(self, "lora_r", "lora_alpha")
+        self.require(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+        self.require(self.lora_target_modules != (), "lora_target_modules", "must not be empty")
+
+
+@dataclass(frozen=True)
+class Reward(Section):
+    """Turns generated texts into float rewards: a text classifier, or any Python callable.
+
+    With a classifier, the reward is the score of the label named by `label`, looked up by
+    name in the classifier's config (never by position: the HF text-classification
+    pipeline sorts labels by score, which silently turns training into noise).
+    """
+
+    section: typing.ClassVar[str] = "reward"
+    model: str = ""
+    """Hub id or local directory of a sequence-classification model."""
+    label: Optional[str] = None
+    """Label whose score is the reward; may be none only for a single-output classifier."""
+    function: Union[str, Callable, None] = None
+    """Instead of a classifier: a callable (list of texts -> list of floats) or 'module:function'."""
+    score: Literal["logit", "probability"] = "logit"
+    scale: float = 1.0
+    """The reward is scale * score; a negative scale flips the sign."""
+    input: Literal["prompt+response", "response"] = "prompt+response"
+    batch_size: int = 32
+    max_length: Optional[int] = None
+    """Truncate texts to this many classifier tokens; none means the classifier's own limit."""
+
+    def check(self) -> None:
+        has_model, has_fn = bool(self.model.strip()), self.function is not None
+        if has_model == has_fn:
+            raise RecipeError(
+                "reward needs exactly one of reward.model (a classifier) or reward.function "
+                f"(a callable), got model={self.model!r}, function={self.function!r}"
+            )
+        self.require(self.scale != 0 and math.isfinite(self.scale), "scale", "must be a finite non-zero number")
+        _positive(self, "batch_size", "max_length")
+        if isinstance(self.function, str):
+            self.require(":" in self.function, "function", "must look like 'package.module:function'")
+
+
+@dataclass(frozen=True)
+class Prompts(Section):
+    """Prompts from `datasets`: a Hub id or local csv/json/jsonl/parquet file(s).
+
+    Each prompt is the first N tokens of a text, N drawn uniformly from
+    [query_min_tokens, query_max_tokens]. The first `eval.num_prompts` prompts of a
+    seeded shuffle are held out for evaluation and never trained on.
+    """
+
+    section: typing.ClassVar[str] = "prompts"
+    dataset: str
+    split: str = "train"
+    subset: Optional[str] = None
+    """The dataset's configuration name, for Hub datasets that have several."""
+    text_column: str = "text"
+    """Column holding the text; a dotted path reads a nested field (e.g. 'prompt.text')."""
+    filter: Union[str, Callable, None] = None
+    """Keep only rows (dicts) for which this returns true: a callable or 'module:function'."""
+    query_min_tokens: int = 2
+    query_max_tokens: int = 8
+    max_prompts: Optional[int] = None
+    """Use at most this many prompts after filtering (quick runs); none means all."""
+
+    def check(self) -> None:
+        self.require(bool(self.dataset.strip()), "dataset", "must name a Hub dataset or local file(s)")
+        self.require(bool(self.text_column.strip()), "text_column", "must name a column")
+        _positive(self, "query_min_tokens", "max_prompts")
+        if isinstance(self.filter, str):
+            self.require(":" in self.filter, "filter", "must look like 'package.module:function'")
+        self.require(self.query_max_tokens >= self.query_min_tokens, "query_max_tokens",
+                     f"must be >= prompts.query_min_tokens ({self.query_min_tokens})")
+
+
+@dataclass(frozen=True)
+class Generation(Section):
+    """How responses are sampled: plain sampling, batched.
+
+    There is deliberately no min_new_tokens or no_repeat_ngram_size: both reshape the
+    sampling distribution away from the policy's, which makes the sampled KL negative.
+    Each response's length is drawn from [response_min_tokens, response_max_tokens];
+    a batch is generated once to the longest and each response is cut to its own length.
+    """
+
+    section: typing.ClassVar[str] = "generation"
+    response_min_tokens: int
+    response_max_tokens: int
+    top_k: int = 0
+    top_p: float = 1.0
+    temperature: float = 1.0
+    batch_size: Optional[int] = None
+    """Prompts per generate call; none means the whole PPO batch at once."""
+
+    def check(self) -> None:
+        _positive(self, "response_min_tokens", "temperature", "batch_size")
+        self.require(self.response_max_tokens >= self.response_min_tokens, "response_max_tokens",
+                     f"must be >= generation.response_min_tokens ({self.response_min_tokens})")
+        self.require(self.top_k >= 0, "top_k", "must be >= 0 (0 disables top-k)")
+        self.require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class PPO(Section):
+    """TRL's PPOConfig, field for field (same names, passed through unchanged).
+
+    The fields without a default must be set by every recipe: TRL's own defaults changed
+    between versions (batch 256 / mini-batch 1 once, 128 / 128 later). The rest default to
+    TRL 0.11.4's values, written out here so that a TRL upgrade cannot move them.
+    """
+
+    section: typing.ClassVar[str] = "ppo"
+    learning_rate: float
+    batch_size: int
+    mini_batch_size: int
+    ppo_epochs: int
+    adap_kl_ctrl: bool
+    init_kl_coef: float
+    target: float
+    """Adaptive KL: the per-sequence KL the controller steers towards."""
+    horizon: float
+    """Adaptive KL: counted in samples, so with batch 128 the coefficient moves <= ~0.26% a step."""
+    gamma: float
+    lam: float
+    cliprange: float
+    cliprange_value: float
+    vf_coef: float
+    gradient_accumulation_steps: int = 1
+    kl_penalty: Literal["kl", "abs", "mse", "full"] = "kl"
+    max_grad_norm: Optional[float] = None
+    early_stopping: bool = False
+    target_kl: float = 1.0
+    ratio_threshold: float = 10.0
+    use_score_scaling: bool = False
+    use_score_norm: bool = False
+    score_clip: Optional[float] = None
+    whiten_rewards: bool = False
+    gradient_checkpointing: bool = False
+
+    def check(self) -> None:
+        _positive(self, "learning_rate", "batch_size", "mini_batch_size", "ppo_epochs",
+                  "gradient_accumulation_steps", "target", "horizon", "cliprange",
+                  "cliprange_value", "max_grad_norm", "score_clip", "target_kl", "ratio_threshold")
+        self.require(self.init_kl_coef >= 0, "init_kl_coef", "must be >= 0")
+        self.require(self.vf_coef >= 0, "vf_coef", "must be >= 0")
+        self.require(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]")
+        self.require(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
+        step = self.mini_batch_size * self.gradient_accumulation_steps
+        self.require(self.batch_size % step == 0, "batch_size",
+                     f"must be a multiple of ppo.mini_batch_size * ppo.gradient_accumulation_steps ({step})")
+
+
+@dataclass(frozen=True)
+class Eval(Section):
+    """Evaluation on held-out prompts (the evaluation module fills this section in)."""
+
+    section: typing.ClassVar[str] = "eval"
+    num_prompts: int = 256
+    """Prompts held out from training for evaluation."""
+    batch_size: int = 64
+    seed: int = 1234
+    every: int = 0
+    """Also evaluate every N PPO steps; 0 means only before and after training."""
+
+    def check(self) -> None:
+        _positive(self, "num_prompts", "batch_size")
+        self.require(self.every >= 0, "every", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class Run(Section):
+    """Where outputs go, how long to train, and what to show."""
+
+    section: typing.ClassVar[str] = "run"
+    output_dir: str
+    steps: int
+    """PPO steps; each uses ppo.batch_size prompts."""
+    seed: int = 0
+    sample_every: int = 10
+    """Print a table of samples every N steps (0: only at the end)."""
+    sample_rows: int = 4
+    overwrite: bool = False
+    """Allow writing into a non-empty output directory (its old contents are removed)."""
+
+    def check(self) -> None:
+        self.require(bool(self.output_dir.strip()), "output_dir", "must name a directory")
+        _positive(self, "steps", "sample_rows")
+        self.require(self.sample_every >= 0, "sample_every", "must be >= 0")
+
+
+SECTIONS: dict[str, type] = {c.section: c for c in (Policy, Reward, Prompts, Generation, PPO, Eval, Run)}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole PPO run: what to train, against what reward, on which prompts, and how."""
+
+    name: str
+    policy: Policy
+    reward: Reward
+    prompts: Prompts
+    generation: Generation
+    ppo: PPO
+    run: Run
+    eval: Eval = field(default_factory=Eval)
+
+    def __post_init__(self) -> None:
+        for name, cls in SECTIONS.items():
+            if not isinstance(getattr(self, name), cls):
+                raise RecipeError(f"recipe.{name} must be a {cls.__name__}(...) section, "
+                                  f"got {type(getattr(self, name)).__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict; callables become 'module:qualname' strings."""
+        out: dict[str, Any] = {"name": self.name}
+        for name in SECTIONS:
+            out[name] = {f.name: _plain(getattr(getattr(self, name), f.name))
+                         for f in dataclasses.fields(getattr(self, name))}
+        return out
+
+
+def _plain(value: Any) -> Any:
+    if callable(value):
+        return f"{getattr(value, '__module__', '?')}:{getattr(value, '__qualname__', repr(value))}"
+    return list(value) if isinstance(value, tuple) else value

@@ -1,0 +1,112 @@
+"""Prompts from `datasets`: load, filter, hold out an evaluation split, cut to query lengths.
+
+Training batches are a pure function of (seed, step), so any step's batch can be
+recomputed after a restart without replaying the ones before it.
+"""
+from __future__ import annotations
+
+import glob
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import Prompts, RecipeError
+from .loading import describe_missing, first_line
+from .recipe import resolve_callable
+
+_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_CHARS_PER_TOKEN_BOUND = 32  # cut texts before tokenizing: no real token is this long
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Query token ids: `train` for PPO, `heldout` (never trained on) for evaluation."""
+
+    train: list[torch.Tensor]
+    heldout: list[torch.Tensor]
+
+
+def load_texts(cfg: Prompts) -> list[str]:
+    """The text column of the dataset, after the recipe's filter."""
+    from datasets import disable_progress_bars, enable_progress_bars, is_progress_bar_enabled
+
+    shown = is_progress_bar_enabled()
+    disable_progress_bars()  # a bar per split and per filter, for a few seconds of work
+    try:
+        return _load_texts(cfg)
+    finally:
+        if shown:
+            enable_progress_bars()
+
+
+def _load_texts(cfg: Prompts) -> list[str]:
+    from datasets import load_dataset  # heavy: imported only when prompts are loaded
+
+    matches = sorted(glob.glob(str(Path(cfg.dataset).expanduser())))
+    try:
+        if matches and Path(matches[0]).is_file():
+            builder = _BUILDERS.get(Path(matches[0]).suffix)
+            if builder is None:
+                raise RecipeError(f"prompts.dataset {cfg.dataset!r}: unsupported file type; "
+                                  f"use {', '.join(_BUILDERS)} files or a Hub dataset id")
+            ds = load_dataset(builder, data_files=matches, split="train")
+        else:
+            ds = load_dataset(matches[0] if matches else cfg.dataset, cfg.subset, split=cfg.split)
+    except (FileNotFoundError, ConnectionError, OSError) as err:
+        if matches:
+            raise RecipeError(f"prompts.dataset {cfg.dataset!r} does not load: {first_line(err)}") from None
+        raise RecipeError(describe_missing("prompts.dataset", cfg.dataset)) from None
+    except ValueError as err:  # e.g. a split that does not exist
+        raise RecipeError(f"prompts: {first_line(err)}; check prompts.split and prompts.subset") from None
+    top = cfg.text_column.split(".")[0]
+    if top not in ds.column_names:
+        raise RecipeError(f"prompts.text_column {cfg.text_column!r} is not in {cfg.dataset!r}; "
+                          f"its columns: {', '.join(ds.column_names)}")
+    if cfg.filter is not None:
+        keep = resolve_callable(cfg.filter, "prompts.filter")
+        ds = ds.filter(keep, load_from_cache_file=False)
+    else:
+        ds = ds.select_columns([top])
+    texts = [_field(row, cfg.text_column) for row in ds]
+    return [t for t in texts if isinstance(t, str) and t.strip()]
+
+
+def _field(row: dict[str, Any], path: str) -> Any:
+    for part in path.split("."):
+        row = row.get(part) if isinstance(row, dict) else None
+    return row
+
+
+def load_prompts(cfg: Prompts, tokenizer, heldout: int, seed: int) -> PromptSet:
+    """Shuffle (seeded), hold out `heldout` prompts, and cut each text to a sampled query length."""
+    texts = load_texts(cfg)
+    if len(texts) <= heldout:
+        raise RecipeError(f"prompts: {cfg.dataset!r} has {len(texts)} usable texts after filtering, "
+                          f"but eval.num_prompts={heldout} are held out; lower eval.num_prompts or use more data")
+    rng = np.random.default_rng(seed)
+    texts = [texts[i] for i in rng.permutation(len(texts))]
+    lengths = rng.integers(cfg.query_min_tokens, cfg.query_max_tokens + 1, size=len(texts))
+    limit = cfg.query_max_tokens * _CHARS_PER_TOKEN_BOUND
+    ids = tokenizer([t[:limit] for t in texts])["input_ids"]
+    queries = [torch.tensor(x[:n], dtype=torch.long) for x, n in zip(ids, lengths) if x]
+    train = queries[heldout:]
+    if cfg.max_prompts is not None:
+        train = train[:cfg.max_prompts]
+    return PromptSet(train=train, heldout=queries[:heldout])
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Indices into n prompts for PPO step `step` (0-based).
+
+    The stream is one seeded permutation of range(n) per epoch, laid end to end;
+    step s takes items [s * batch_size, (s + 1) * batch_size) of it.
+    """
+    out, start = [], step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        out.extend(perm[offset:offset + batch_size - len(out)].tolist())
+    return out

@@ -1,0 +1,41 @@
+"""Loading models, tokenizers and datasets, with errors that name the recipe field to fix.
+
+A missing local path and an unreachable Hub both surface from transformers and datasets
+as long tracebacks; here they become one RecipeError that says which field and why.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import RecipeError
+
+
+def describe_missing(key: str, name: str) -> str:
+    """The message for a model or dataset that cannot be found."""
+    where = ("the Hub is switched off (HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1"
+             else "the Hugging Face Hub has no such repo or cannot be reached")
+    return (f"{key}: cannot load {name!r}: it is not a local directory or file, and {where}; "
+            f"fix the path, or set {key}=<local directory>")
+
+
+def load_pretrained(key: str, loader: Callable[..., Any], name: str, **kwargs: Any) -> Any:
+    """`loader(name, **kwargs)` (a from_pretrained), turning load failures into a RecipeError naming `key`."""
+    path = Path(name).expanduser()
+    if path.exists():
+        try:
+            return loader(str(path), **kwargs)
+        except OSError as err:
+            raise RecipeError(f"{key}: {name!r} exists but does not load: {first_line(err)}") from None
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not an org/name Hub id
+        raise RecipeError(f"{key}: local path {name!r} does not exist; fix the path or give a Hub id")
+    try:
+        return loader(name, **kwargs)
+    except OSError:
+        raise RecipeError(describe_missing(key, name)) from None
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

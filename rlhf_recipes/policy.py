@@ -1,0 +1,81 @@
+"""The policy: a causal LM with LoRA adapters and a value head on the shared backbone.
+
+The frozen reference is this same model with its adapters switched off (TRL does that
+for PEFT models), so it costs no second copy of the weights. The base may load in
+8-bit or 4-bit through bitsandbytes; the adapters and the value head stay fp32.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from . import trl_backend
+from .config import Policy, RecipeError
+from .loading import load_pretrained
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DROPOUT = re.compile(r"(dropout|pdrop)", re.IGNORECASE)
+
+
+def load_tokenizer(key: str, name: str, trust_remote_code: bool = False):
+    """A tokenizer that pads on the left and has a pad token (GPT-2 has none: eos stands in)."""
+    tok = load_pretrained(key, AutoTokenizer.from_pretrained, name, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise RecipeError(f"{key}: tokenizer of {name!r} has neither a pad nor an eos token; add one")
+        tok.pad_token = tok.eos_token  # masked out by the attention mask, so its identity does not matter
+    tok.padding_side = "left"  # decoder-only models continue from the right end of the prompt
+    return tok
+
+
+def quantization_config(cfg: Policy) -> BitsAndBytesConfig | None:
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if cfg.quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_compute_dtype=_DTYPES[cfg.dtype], bnb_4bit_use_double_quant=True)
+    return None
+
+
+def build_policy(cfg: Policy, device: torch.device):
+    """Base LM (dropout off) + LoRA adapters + TRL's value head, on `device`."""
+    config = load_pretrained("policy.model", AutoConfig.from_pretrained, cfg.model,
+                             trust_remote_code=cfg.trust_remote_code)
+    for name, value in config.to_dict().items():
+        if _DROPOUT.search(name) and isinstance(value, float):
+            setattr(config, name, 0.0)  # the policy that samples must be the policy that is scored
+    quant = quantization_config(cfg)
+    base = load_pretrained(
+        "policy.model", AutoModelForCausalLM.from_pretrained, cfg.model, config=config,
+        dtype=_DTYPES[cfg.dtype], quantization_config=quant, trust_remote_code=cfg.trust_remote_code,
+        # each process places its own copy: device_map="auto" spreads a model over GPUs and breaks DDP
+        device_map={"": device} if quant else None)
+    if quant:
+        # gradient checkpointing is the PPO section's choice; TRL switches it on there
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+        for module in base.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                # bitsandbytes repacks 4-bit weights for inference on AVX512-BF16 CPUs inside
+                # generate(), after which backward through them fails
+                module.support_avx512bf16_for_cpu = False
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_target_modules) if cfg.lora_target_modules else None,
+                      task_type="CAUSAL_LM")
+    try:
+        adapted = get_peft_model(base, lora)
+    except ValueError as err:
+        if "target_modules" not in str(err) and "Target modules" not in str(err):
+            raise
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if _is_linear(m)})
+        wanted = ",".join(cfg.lora_target_modules) if cfg.lora_target_modules else "PEFT's default"
+        raise RecipeError(f"policy.lora_target_modules ({wanted}) matches no module of {cfg.model!r}; "
+                          f"its linear modules are: {', '.join(names)}") from None
+    model = trl_backend.with_value_head(adapted)
+    return model if quant else model.to(device)
+
+
+def _is_linear(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Conv1D", "Linear8bitLt", "Linear4bit")

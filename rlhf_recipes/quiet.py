@@ -1,0 +1,40 @@
+"""Silence third-party noise that tells a user of this package nothing, and nothing else.
+
+Applied once, when rlhf_recipes is imported. Each filter names the message (and, for
+warnings, the module that raises it), so other warnings from the same libraries, and
+everything from the user's own code, still show.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+
+_WARNINGS = [  # (message regex, category, module regex)
+    (r"`PPOConfig` is deprecated", FutureWarning, r"trl\."),
+    (r"`PPOTrainer` is deprecated", FutureWarning, r"trl\."),
+    (r"No dataset is provided", UserWarning, r"trl\."),  # we feed batches ourselves
+    (r"fan_in_fan_out is set to False but the target module is `Conv1D`", UserWarning, r"peft\."),
+    (r"`torch\.jit\.script_method` is deprecated", DeprecationWarning, r"torch\."),
+]
+_LOG_MESSAGES = {  # logger name -> substrings of records to drop
+    "transformers.tokenization_utils_base": ["Please note that with a fast tokenizer"],
+}
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, substrings: list[str]):
+        super().__init__()
+        self.substrings = substrings
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not any(s in text for s in self.substrings)
+
+
+def install() -> None:
+    for message, category, module in _WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    for name, substrings in _LOG_MESSAGES.items():
+        logging.getLogger(name).addFilter(_DropMessages(substrings))
+    # one "inputs will be cast to float16" line per 8-bit layer per forward pass: hundreds a step
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

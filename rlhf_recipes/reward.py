@@ -1,0 +1,116 @@
+"""Rewards: generated texts in, one float each out.
+
+A classifier reward reads the score of one label chosen by name from the classifier's
+config, so the order in which a pipeline would list labels cannot matter. Any Python
+callable from a list of texts to a list of numbers works as a reward too.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Callable, Sequence
+
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from .config import RecipeError, Reward
+from .loading import load_pretrained
+from .policy import load_tokenizer
+from .recipe import resolve_callable
+
+RewardFn = Callable[[list[str]], list[float]]
+
+
+def label_index(id2label: dict[int, str], label: str | None, key: str = "reward.label") -> int:
+    """The output index of `label`, found by name; none is allowed only for single-output models."""
+    if label is None:
+        if len(id2label) == 1:
+            return next(iter(id2label))
+        raise RecipeError(f"{key} is required for a classifier with several outputs; "
+                          f"valid labels: {', '.join(id2label.values())}")
+    for index, name in id2label.items():
+        if name == label:
+            return int(index)
+    raise RecipeError(f"{key} {label!r} is not a label of the classifier; valid labels: {', '.join(id2label.values())}")
+
+
+def select_score(logits: torch.Tensor, index: int, kind: str) -> torch.Tensor:
+    """Score of output `index` from classifier logits.
+
+    logits: (batch, num_labels) -> (batch,). A probability is the softmax over labels,
+    or the sigmoid of the one logit of a single-output model.
+    """
+    logits = logits.float()
+    if kind == "logit":
+        return logits[:, index]
+    if logits.shape[-1] == 1:
+        return torch.sigmoid(logits[:, 0])
+    return torch.softmax(logits, dim=-1)[:, index]
+
+
+def check_rewards(values: object, count: int, source: str) -> list[float]:
+    """`values` as a list of `count` floats (non-finite ones kept: the loop skips such batches)."""
+    try:
+        items = list(values.tolist() if hasattr(values, "tolist") else values)  # type: ignore[union-attr]
+    except TypeError:
+        raise RecipeError(f"{source} must return a list of numbers, got {type(values).__name__}") from None
+    if len(items) != count:
+        raise RecipeError(f"{source} returned {len(items)} rewards for {count} texts; return one number per text")
+    bad = [v for v in items if not isinstance(v, numbers.Real) or isinstance(v, bool)]
+    if bad:
+        raise RecipeError(f"{source} must return numbers, got {bad[0]!r} ({type(bad[0]).__name__})")
+    return [float(v) for v in items]
+
+
+class ClassifierReward:
+    """Scores texts with a sequence classifier: reward = scale * score(label)."""
+
+    def __init__(self, cfg: Reward, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.tokenizer = load_tokenizer("reward.model", cfg.model)
+        self.tokenizer.padding_side = "right"
+        self.model = load_pretrained("reward.model", AutoModelForSequenceClassification.from_pretrained, cfg.model)
+        self.model.to(device).eval().requires_grad_(False)
+        if self.model.config.pad_token_id is None:  # GPT-style classifiers find the last token by padding
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.index = label_index(self.model.config.id2label, cfg.label)
+        limits = [n for n in (cfg.max_length, self.tokenizer.model_max_length,
+                              getattr(self.model.config, "max_position_embeddings", None)) if n and n < 1_000_000]
+        self.max_length = min(limits) if limits else 512
+
+    @torch.no_grad()
+    def __call__(self, texts: list[str]) -> list[float]:
+        scores = []
+        for start in range(0, len(texts), self.cfg.batch_size):
+            batch = self.tokenizer(texts[start:start + self.cfg.batch_size], padding=True, truncation=True,
+                                   max_length=self.max_length, return_tensors="pt").to(self.device)
+            scores.append(select_score(self.model(**batch).logits, self.index, self.cfg.score))
+        return (self.cfg.scale * torch.cat(scores)).tolist()
+
+
+class FunctionReward:
+    """A user's callable (texts -> numbers), checked on every call, times `scale`."""
+
+    def __init__(self, cfg: Reward):
+        self.fn = resolve_callable(cfg.function, "reward.function")
+        self.scale = cfg.scale
+        self.name = getattr(self.fn, "__qualname__", repr(self.fn))
+
+    def __call__(self, texts: list[str]) -> list[float]:
+        values = check_rewards(self.fn(texts), len(texts), f"reward.function {self.name}")
+        return [self.scale * v for v in values]
+
+
+def build_reward(cfg: Reward, device: torch.device) -> RewardFn:
+    return ClassifierReward(cfg, device) if cfg.model else FunctionReward(cfg)
+
+
+def reward_inputs(cfg: Reward, prompts: Sequence[str], responses: Sequence[str]) -> list[str]:
+    """The texts the reward sees: prompt + response, or the response alone."""
+    if cfg.input == "response":
+        return list(responses)
+    return [p + r for p, r in zip(prompts, responses)]
+
+
+def all_finite(values: Sequence[float]) -> bool:
+    return all(math.isfinite(v) for v in values)

@@ -1,0 +1,59 @@
+"""Sampling responses from the policy: batched, plain sampling, per-sample lengths."""
+from __future__ import annotations
+
+import torch
+from transformers import GenerationConfig
+
+from .config import Generation
+
+
+def left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D token tensors, padded on the left.
+
+    seqs: n tensors of shape (len_i,) -> (input_ids, attention_mask), both (n, max len_i).
+    """
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = s
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def cut_response(tokens: torch.Tensor, length: int, eos_id: int | None) -> torch.Tensor:
+    """The first `length` tokens of a generated continuation, ending at its first eos (kept).
+
+    tokens: (max_new_tokens,) -> (<= length,). Cutting a longer sample is exactly a sample
+    of that length, so one generate call serves prompts with different target lengths.
+    """
+    tokens = tokens[:length]
+    if eos_id is not None:
+        hits = (tokens == eos_id).nonzero()
+        if len(hits):
+            tokens = tokens[: int(hits[0]) + 1]
+    return tokens
+
+
+def sampling_config(gen: Generation, max_new_tokens: int, tokenizer) -> GenerationConfig:
+    """Plain sampling, built from scratch so that no model's generation_config (repetition
+    penalties, no_repeat_ngram_size, min lengths) can leak in and bias the KL."""
+    return GenerationConfig(do_sample=True, top_k=gen.top_k, top_p=gen.top_p, temperature=gen.temperature,
+                            max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                            eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, queries: list[torch.Tensor], lengths: list[int], gen: Generation,
+             device: torch.device) -> list[torch.Tensor]:
+    """One response per query, `lengths[i]` tokens at most, in batches of gen.batch_size."""
+    chunk = gen.batch_size or len(queries)
+    responses: list[torch.Tensor] = []
+    for start in range(0, len(queries), chunk):
+        qs, ls = queries[start:start + chunk], lengths[start:start + chunk]
+        ids, mask = left_pad(qs, tokenizer.pad_token_id)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             generation_config=sampling_config(gen, max(ls), tokenizer))
+        new = out[:, ids.shape[1]:].cpu()
+        responses.extend(cut_response(row, n, tokenizer.eos_token_id) for row, n in zip(new, ls))
+    return responses

@@ -1,0 +1,154 @@
+"""Small local models and prompt files, built from nothing, for runs without the Hub.
+
+`python -m rlhf_recipes.tiny DIR` writes random-weight models with the real
+architectures, tokenizers (trained here with `tokenizers`) and label names of the
+shipped recipes' Hub models, plus prompt files shaped like their datasets:
+
+    DIR/gpt2              GPT-2 causal LM; like the real one, its tokenizer has no pad token
+    DIR/gpt-neo           GPT-Neo causal LM (detoxify's policy architecture)
+    DIR/gpt-neox          GPT-NeoX causal LM (the 8-bit recipe's architecture)
+    DIR/distilbert-imdb   DistilBERT classifier, labels NEGATIVE / POSITIVE
+    DIR/roberta-hate      RoBERTa classifier, labels nothate / hate
+    DIR/imdb.jsonl        review-like texts: {"text", "label"}
+    DIR/toxicity.jsonl    rows like real-toxicity-prompts: {"prompt": {"text", "toxicity"}}
+
+The weights are random, so rewards are noise: these prove the plumbing, not learning.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import (DistilBertConfig, DistilBertForSequenceClassification, DistilBertTokenizerFast,
+                          GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, GPTNeoConfig, GPTNeoForCausalLM,
+                          GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXTokenizerFast, PreTrainedTokenizerFast,
+                          RobertaConfig, RobertaForSequenceClassification, RobertaTokenizerFast)
+
+_GOOD = ["wonderful", "moving", "brilliant", "charming", "gripping", "funny", "beautiful", "superb"]
+_BAD = ["dull", "clumsy", "boring", "tedious", "messy", "flat", "predictable", "weak"]
+_THINGS = ["the acting", "the plot", "the script", "the music", "the ending", "the cast", "the director",
+           "the story", "the pacing", "the dialogue"]
+_OPENERS = ["I watched this film last night and", "This movie", "Honestly, this picture", "My friends said",
+            "The trailer promised a lot, but", "From the first scene", "I expected little, yet"]
+
+
+def review_corpus(n: int, seed: int = 0) -> list[tuple[str, int]]:
+    """`n` short movie-review-like texts with a 0/1 sentiment label, from a small grammar."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        words = _GOOD if label else _BAD
+        parts = [rng.choice(_OPENERS)]
+        for _ in range(rng.randint(2, 4)):
+            parts.append(f"{rng.choice(_THINGS)} was {rng.choice(words)}")
+        out.append((", ".join(parts) + ".", label))
+    return out
+
+
+def _bpe(texts: list[str], vocab_size: int, specials: list[str]) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok
+
+
+def gpt2_tokenizer(texts: list[str], vocab_size: int = 512, cls=GPT2TokenizerFast) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with GPT-2's single special token and, like GPT-2, no pad token."""
+    eot = "<|endoftext|>"
+    return cls(tokenizer_object=_bpe(texts, vocab_size, [eot]), bos_token=eot, eos_token=eot, unk_token=eot)
+
+
+def distilbert_tokenizer(texts: list[str], vocab_size: int = 512, max_length: int = 64) -> DistilBertTokenizerFast:
+    """Lower-cased WordPiece with [CLS] ... [SEP], as DistilBERT uses."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+    return DistilBertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=max_length)
+
+
+def roberta_tokenizer(texts: list[str], vocab_size: int = 512, max_length: int = 64) -> RobertaTokenizerFast:
+    """Byte-level BPE with RoBERTa's <s> ... </s> specials."""
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tok = _bpe(texts, vocab_size, specials)
+    tok.post_processor = processors.RobertaProcessing(("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>")))
+    return RobertaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>",
+                                cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
+                                model_max_length=max_length)
+
+
+def causal_lm(arch: str, tokenizer: PreTrainedTokenizerFast, width: int = 32, layers: int = 2,
+              heads: int = 2, positions: int = 128):
+    """A random-weight causal LM of architecture `arch` ('gpt2', 'gpt-neo' or 'gpt-neox')."""
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    if arch == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(n_embd=width, n_layer=layers, n_head=heads, n_positions=positions, **ids))
+    if arch == "gpt-neo":
+        return GPTNeoForCausalLM(GPTNeoConfig(hidden_size=width, num_layers=layers, num_heads=heads,
+                                              attention_types=[[["global", "local"], layers // 2]],
+                                              window_size=positions // 2, max_position_embeddings=positions, **ids))
+    if arch == "gpt-neox":
+        return GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
+                                                intermediate_size=4 * width, max_position_embeddings=positions, **ids))
+    raise ValueError(f"unknown causal LM architecture {arch!r}; use gpt2, gpt-neo or gpt-neox")
+
+
+def build(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write every local model and prompt file listed in this module's docstring under `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    corpus = review_corpus(600, seed)
+    texts = [t for t, _ in corpus]
+    with open(out / "imdb.jsonl", "w") as f:
+        for text, label in corpus:
+            f.write(json.dumps({"text": text, "label": label}) + "\n")
+    rng = random.Random(seed + 1)
+    with open(out / "toxicity.jsonl", "w") as f:
+        for text, _ in corpus:
+            f.write(json.dumps({"prompt": {"text": text, "toxicity": round(rng.random(), 3)},
+                                "challenging": rng.random() < 0.2}) + "\n")
+
+    for arch, cls in (("gpt2", GPT2TokenizerFast), ("gpt-neo", GPT2TokenizerFast), ("gpt-neox", GPTNeoXTokenizerFast)):
+        tok = gpt2_tokenizer(texts, cls=cls)
+        causal_lm(arch, tok).save_pretrained(out / arch)
+        tok.save_pretrained(out / arch)
+
+    for name, tok, model in (
+        ("distilbert-imdb", distilbert_tokenizer(texts), lambda t: DistilBertForSequenceClassification(DistilBertConfig(
+            vocab_size=len(t), dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64,
+            pad_token_id=t.pad_token_id, id2label={0: "NEGATIVE", 1: "POSITIVE"},
+            label2id={"NEGATIVE": 0, "POSITIVE": 1}))),
+        ("roberta-hate", roberta_tokenizer(texts), lambda t: RobertaForSequenceClassification(RobertaConfig(
+            vocab_size=len(t), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=66, pad_token_id=t.pad_token_id, bos_token_id=t.bos_token_id,
+            eos_token_id=t.eos_token_id, id2label={0: "nothate", 1: "hate"}, label2id={"nothate": 0, "hate": 1}))),
+    ):
+        model(tok).save_pretrained(out / name)
+        tok.save_pretrained(out / name)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m rlhf_recipes.tiny", description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", help="directory to write the models and prompt files into")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(f"wrote local models and prompts to {build(args.out_dir, args.seed)}")
+
+
+if __name__ == "__main__":
+    main()

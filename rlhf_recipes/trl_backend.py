@@ -1,0 +1,56 @@
+"""The one module that imports TRL (0.11.4, the last with the classic PPOTrainer).
+
+Everything TRL-shaped stays here, so that moving to another PPO implementation
+touches only this file.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+from trl import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
+
+from .config import Recipe
+
+
+def with_value_head(adapted_model) -> AutoModelForCausalLMWithValueHead:
+    """Put TRL's value head on a PEFT-adapted causal LM, sharing its backbone.
+
+    TRL's own `from_pretrained` refuses any model whose device map mentions the CPU
+    (8-bit and 4-bit models on a CPU have one), so the wrapper is built directly and
+    the value head placed next to the weights, which works the same on CPU and CUDA.
+    """
+    model = AutoModelForCausalLMWithValueHead(adapted_model, summary_dropout_prob=0.0)
+    model.is_peft_model = True  # tells PPOTrainer to use the adapters-off model as reference
+    model.v_head.to(next(adapted_model.parameters()).device, torch.float32)
+    return model
+
+
+def make_trainer(recipe: Recipe, model, tokenizer) -> PPOTrainer:
+    """TRL's PPOTrainer with the recipe's PPO section passed through field for field.
+
+    Gradient checkpointing is the one exception: TRL turns on the reentrant kind, which
+    needs inputs that require grad and warns on every no-grad scoring pass; the
+    non-reentrant kind needs neither, so it is switched on here instead.
+    """
+    fields = dataclasses.asdict(recipe.ppo)
+    if fields.pop("gradient_checkpointing"):
+        model.pretrained_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = PPOConfig(**fields, gradient_checkpointing=False, seed=recipe.run.seed, exp_name=recipe.name,
+                       steps=recipe.run.steps * recipe.ppo.batch_size, log_with=None)
+    return PPOTrainer(config, model=model, ref_model=None, tokenizer=tokenizer)
+
+
+def ppo_step(trainer: PPOTrainer, queries: list[torch.Tensor], responses: list[torch.Tensor],
+             rewards: list[float]) -> dict[str, float]:
+    """One PPO update; returns TRL's scalar statistics under their own keys (objective/kl, ppo/loss/total, ...)."""
+    device = trainer.current_device
+    stats = trainer.step([q.to(device) for q in queries], [r.to(device) for r in responses],
+                         [torch.tensor(r, dtype=torch.float32, device=device) for r in rewards])
+    return {k: float(v) for k, v in stats.items() if np.ndim(v) == 0}
+
+
+def kl_coef(trainer: PPOTrainer) -> float:
+    """The KL coefficient the next step will use (the adaptive controller's current value)."""
+    return float(trainer.kl_ctl.value)

@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny local models and prompt files, built once per test session, offline."""
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # local paths must never fall back to the Hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from rlhf_recipes import quiet, tiny  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    """pytest resets warning filters for each test; re-apply ours as an import of the package would."""
+    quiet.install()
+
+# Each shipped recipe pointed at the local models with its architecture and label names.
+LOCAL = {
+    "imdb_positive": {"policy.model": "gpt2", "reward.model": "distilbert-imdb", "prompts.dataset": "imdb.jsonl",
+                      "prompts.filter": None},
+    "detoxify": {"policy.model": "gpt-neo", "reward.model": "roberta-hate", "prompts.dataset": "toxicity.jsonl"},
+    "imdb_positive_7b_8bit": {"policy.model": "gpt-neox", "reward.model": "distilbert-imdb",
+                              "prompts.dataset": "imdb.jsonl", "prompts.filter": None, "policy.dtype": None},
+}
+# Small enough for a 2-core CPU: two PPO steps of 8 samples.
+SMALL = ["ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=2", "run.steps=2", "eval.num_prompts=16",
+         "run.sample_every=1", "run.sample_rows=2", "generation.response_min_tokens=4", "generation.response_max_tokens=8", "reward.batch_size=4"]
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return tiny.build(tmp_path_factory.mktemp("tiny"))
+
+
+def local_overrides(name: str, tiny_dir) -> list[str]:
+    """Overrides that point shipped recipe `name` at the tiny local models."""
+    out = []
+    for key, value in LOCAL[name].items():
+        if value is None:  # fields whose real value does not suit the tiny stand-ins
+            out.append(f"{key}=none" if key != "policy.dtype" else f"{key}=float32")
+        else:
+            out.append(f"{key}={tiny_dir / value}")
+    return out

@@ -1,0 +1,112 @@
+"""End to end through the real CLI: each shipped recipe, pointed at tiny local models, trains
+two PPO steps in fp32, 8-bit and 4-bit; bad input exits 2 with one line and writes nothing."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import SMALL, local_overrides
+from rlhf_recipes import shipped_recipes
+from rlhf_recipes.rundir import read_metrics
+from rlhf_recipes.run import main
+
+TRL_KEYS = {"objective/kl", "objective/kl_coef", "objective/entropy", "ppo/loss/total", "ppo/loss/policy",
+            "ppo/loss/value", "ppo/policy/approxkl", "ppo/mean_scores", "env/reward_mean", "env/reward_std"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization", ["none", "8bit", "4bit"])
+@pytest.mark.parametrize("name", shipped_recipes())
+def test_shipped_recipe_trains_two_steps(name, quantization, tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [name, *local_overrides(name, tiny_dir), *SMALL, f"policy.quantization={quantization}",
+            "ppo.learning_rate=1e-3", f"run.output_dir={out}"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "step 2/2" in printed and "reward" in printed and "samples at step 1" in printed
+
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert TRL_KEYS <= set(metrics[0])
+    assert abs(metrics[0]["objective/kl"]) < 1e-6  # before any update the policy is its reference
+    assert abs(metrics[1]["objective/kl"]) > 1e-6  # after one, it is not
+    assert metrics[0]["objective/kl_coef"] == pytest.approx(0.2)
+
+    saved = json.loads((out / "recipe.json").read_text())
+    assert saved["policy"]["quantization"] == quantization and saved["run"]["output_dir"] == str(out)
+    model_dir = out / "model"
+    assert load_file(model_dir / "value_head.safetensors")["summary.weight"].dtype == torch.float32
+    adapter = load_file(model_dir / "adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in adapter.items())  # the adapters trained
+    assert (model_dir / "tokenizer_config.json").exists()
+
+
+def test_saved_adapter_loads_with_peft_after_a_run(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(["imdb_positive", *local_overrides("imdb_positive", tiny_dir), *SMALL,
+                 "ppo.learning_rate=1e-3", f"run.output_dir={out}"]) == 0
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir / "gpt2")
+    tuned = PeftModel.from_pretrained(base, out / "model").eval()
+    ids = torch.tensor([[5, 17, 42, 8]])
+    with torch.no_grad():
+        with tuned.disable_adapter():
+            ref = tuned(input_ids=ids).logits
+        assert not torch.allclose(tuned(input_ids=ids).logits, ref)
+
+
+def run_cli(*args, cwd=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "rlhf_recipes.run", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+@pytest.mark.slow
+def test_python_dash_m_runs_a_recipe(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    done = run_cli("imdb_positive", *local_overrides("imdb_positive", tiny_dir), *SMALL, f"run.output_dir={out}")
+    assert done.returncode == 0, done.stderr
+    assert "step 2/2" in done.stdout and len(read_metrics(out)) == 2
+    noise = [line for line in done.stderr.splitlines() if "Warning" in line or "deprecated" in line]
+    assert not noise, noise  # TRL, PEFT and bitsandbytes chatter is silenced
+
+
+def test_help_lists_the_shipped_recipes():
+    done = run_cli("--help")
+    assert done.returncode == 0 and all(name in done.stdout for name in shipped_recipes())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["no_such_recipe"], "no recipe file or shipped recipe named 'no_such_recipe'"),
+    (["imdb_positive", "ppo.lr=1"], "unknown override key 'ppo.lr'; valid keys: ppo.learning_rate"),
+    (["imdb_positive", "ppo.batch_size=abc"], "ppo.batch_size expects int, got 'abc'"),
+    (["imdb_positive", "ppo.batch_size=10"], "ppo.batch_size must be a multiple of"),
+    (["imdb_positive", "policy.model=/no/such/dir"], "policy.model: local path '/no/such/dir' does not exist"),
+    (["imdb_positive", "reward.label=HAPPY"], "reward.label 'HAPPY' is not a label of the classifier"),
+    (["imdb_positive", "prompts.text_column=review"], "prompts.text_column 'review' is not in"),
+    ([], "the following arguments are required: recipe"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, message, tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    local = local_overrides("imdb_positive", tiny_dir) if args else []
+    overridden = {a.split("=")[0] for a in args[1:]}
+    local = [a for a in local if a.split("=")[0] not in overridden]
+    done = run_cli(*(args[:1] + local + SMALL + args[1:] + [f"run.output_dir={out}"] if args else []))
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not out.exists()
+
+
+def test_a_non_empty_output_dir_is_refused_and_kept(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    argv = ["imdb_positive", *local_overrides("imdb_positive", tiny_dir), *SMALL, f"run.output_dir={out}"]
+    assert main(argv) == 2
+    assert main(argv + ["run.overwrite=true"]) == 2  # overwrite replaces runs, never other files
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"

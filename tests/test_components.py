@@ -1,0 +1,141 @@
+"""Components on tiny local models: reward by label name, policy and reference, prompts."""
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, pipeline
+
+from rlhf_recipes import Policy, Prompts, RecipeError, Reward
+from rlhf_recipes.data import load_prompts
+from rlhf_recipes.policy import build_policy, load_tokenizer
+from rlhf_recipes.reward import build_reward
+from rlhf_recipes.rundir import VALUE_HEAD, save_policy
+
+CPU = torch.device("cpu")
+TEXTS = ["the plot was dull", "a wonderful, moving film", "the acting was superb", "boring and tedious",
+         "I expected little, yet the ending was brilliant " * 20]  # the last one is longer than the classifier
+
+
+@pytest.fixture(scope="module")
+def swapped_classifier(tiny_dir, tmp_path_factory):
+    """The tiny DistilBERT as the same function with its labels stored in the other order."""
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_dir / "distilbert-imdb")
+    model.config.id2label, model.config.label2id = {0: "POSITIVE", 1: "NEGATIVE"}, {"POSITIVE": 0, "NEGATIVE": 1}
+    with torch.no_grad():
+        model.classifier.weight.copy_(model.classifier.weight.flip(0))
+        model.classifier.bias.copy_(model.classifier.bias.flip(0))
+    path = tmp_path_factory.mktemp("swapped")
+    model.save_pretrained(path)
+    load_tokenizer("t", str(tiny_dir / "distilbert-imdb")).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("score", ["logit", "probability"])
+def test_reward_reads_its_label_by_name_whatever_the_order(tiny_dir, swapped_classifier, score):
+    rewards, positional = [], []
+    for path in (tiny_dir / "distilbert-imdb", swapped_classifier):
+        rewards.append(build_reward(Reward(model=str(path), label="POSITIVE", score=score, batch_size=2), CPU)(TEXTS))
+        # the transformers pipeline sorts labels by score; pick from it by name, and by position
+        pipe = pipeline("text-classification", model=str(path), top_k=None, truncation=True,
+                        function_to_apply="none" if score == "logit" else "softmax")
+        outputs = pipe(TEXTS)
+        assert rewards[-1] == pytest.approx([next(d["score"] for d in o if d["label"] == "POSITIVE")
+                                             for o in outputs], abs=1e-5)
+        positional.append([o[1]["score"] for o in outputs])
+    assert rewards[0] == pytest.approx(rewards[1], abs=1e-6)  # same function, labels stored in another order
+    assert positional[0] != pytest.approx(rewards[0], abs=1e-6) or positional[1] != pytest.approx(rewards[1], abs=1e-6)
+
+
+def test_reward_scale_flips_sign_and_unknown_label_lists_valid_ones(tiny_dir):
+    base = Reward(model=str(tiny_dir / "roberta-hate"), label="nothate")
+    plain, flipped = build_reward(base, CPU), build_reward(Reward(model=base.model, label="nothate", scale=-2.0), CPU)
+    assert flipped(TEXTS) == pytest.approx([-2 * x for x in plain(TEXTS)])
+    with pytest.raises(RecipeError, match="'toxic' is not a label of the classifier; valid labels: nothate, hate"):
+        build_reward(Reward(model=base.model, label="toxic"), CPU)
+
+
+def test_function_reward_is_checked():
+    assert build_reward(Reward(function=lambda texts: [len(t) for t in texts]), CPU)(["ab", "c"]) == [2.0, 1.0]
+    assert build_reward(Reward(function="builtins:len", scale=1.0), CPU) is not None
+    with pytest.raises(RecipeError, match="returned 1 rewards for 2 texts"):
+        build_reward(Reward(function=lambda texts: [1.0]), CPU)(["a", "b"])
+    with pytest.raises(RecipeError, match="cannot import 'nope.nothing:fn'"):
+        build_reward(Reward(function="nope.nothing:fn"), CPU)
+
+
+@pytest.mark.parametrize("quantization", ["none", "8bit", "4bit"])
+def test_policy_reference_is_the_base_with_adapters_off(tiny_dir, quantization):
+    policy = build_policy(Policy(model=str(tiny_dir / "gpt2"), quantization=quantization), CPU)
+    trainable = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "v_head" in n for n in trainable)
+    assert all(p.dtype == torch.float32 for p in trainable.values())
+    ids = torch.tensor([[5, 17, 42, 8, 99]])
+    base = policy.pretrained_model
+    with torch.no_grad():
+        with base.disable_adapter():
+            ref = base(input_ids=ids).logits
+        assert torch.equal(base(input_ids=ids).logits, ref)  # fresh LoRA adds exactly zero: KL is 0
+        for p in trainable.values():
+            p.add_(0.05)  # stand-in for an update
+        assert not torch.allclose(base(input_ids=ids).logits, ref)
+        with base.disable_adapter():
+            assert torch.equal(base(input_ids=ids).logits, ref)  # the reference never moves
+    if quantization == "none":
+        plain = AutoModelForCausalLM.from_pretrained(tiny_dir / "gpt2").eval()
+        assert torch.allclose(plain(input_ids=ids).logits, ref, atol=1e-5)
+
+
+def test_saved_adapter_loads_with_peft(tiny_dir, tmp_path):
+    policy = build_policy(Policy(model=str(tiny_dir / "gpt2")), CPU)
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    tok = load_tokenizer("policy.model", str(tiny_dir / "gpt2"))
+    save_policy(policy, tok, tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").exists() and (tmp_path / VALUE_HEAD).exists()
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir / "gpt2"), tmp_path).eval()
+    ids = torch.tensor([[5, 17, 42]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, policy.pretrained_model(input_ids=ids).logits, atol=1e-5)
+
+
+def test_policy_errors_name_the_field(tiny_dir):
+    with pytest.raises(RecipeError, match="policy.lora_target_modules .* its linear modules are: .*c_attn"):
+        build_policy(Policy(model=str(tiny_dir / "gpt2"), lora_target_modules=("q_proj",)), CPU)
+    with pytest.raises(RecipeError, match="policy.model: local path '/no/such/model' does not exist"):
+        build_policy(Policy(model="/no/such/model"), CPU)
+    with pytest.raises(RecipeError, match="policy.model: cannot load 'nobody/nothing'"):
+        build_policy(Policy(model="nobody/nothing"), CPU)
+
+
+def test_gpt2_tokenizer_gets_a_pad_token_and_pads_left(tiny_dir):
+    tok = load_tokenizer("policy.model", str(tiny_dir / "gpt2"))
+    assert tok.pad_token == tok.eos_token and tok.padding_side == "left"
+
+
+def test_prompts_hold_out_filter_and_cut(tiny_dir):
+    tok = load_tokenizer("policy.model", str(tiny_dir / "gpt2"))
+    cfg = Prompts(dataset=str(tiny_dir / "toxicity.jsonl"), text_column="prompt.text",
+                  filter=lambda row: row["prompt"]["toxicity"] > 0.5, query_min_tokens=2, query_max_tokens=5)
+    rows = [json.loads(line) for line in open(tiny_dir / "toxicity.jsonl")]
+    toxic = sum(r["prompt"]["toxicity"] > 0.5 for r in rows)
+    a, b = load_prompts(cfg, tok, heldout=20, seed=0), load_prompts(cfg, tok, heldout=20, seed=0)
+    assert len(a.heldout) == 20 and len(a.train) + 20 == toxic
+    assert all(2 <= len(q) <= 5 for q in a.train + a.heldout)
+    assert [q.tolist() for q in a.train] == [q.tolist() for q in b.train]  # seeded
+    with pytest.raises(RecipeError, match="prompts.text_column 'review' is not in .* its columns: prompt"):
+        load_prompts(Prompts(dataset=cfg.dataset, text_column="review"), tok, heldout=1, seed=0)
+    with pytest.raises(RecipeError, match="0 usable texts after filtering"):
+        load_prompts(Prompts(dataset=cfg.dataset, text_column="prompt.text", filter=lambda r: False), tok, 1, 0)
+
+
+def test_heldout_prompts_are_never_trained_on(tiny_dir, tmp_path):
+    tok = load_tokenizer("policy.model", str(tiny_dir / "gpt2"))
+    path = tmp_path / "numbered.csv"  # digits are single tokens here: the 4-digit id is a unique 4-token prefix
+    path.write_text("text\n" + "".join(f"{i:04d} the plot was dull\n" for i in range(300)))
+    prompts = load_prompts(Prompts(dataset=str(path), query_min_tokens=4, query_max_tokens=6), tok, heldout=50, seed=1)
+    ids = lambda qs: {tuple(q[:4].tolist()) for q in qs}
+    assert len(ids(prompts.heldout)) == 50 and len(ids(prompts.train)) == 250
+    assert not ids(prompts.heldout) & ids(prompts.train)
