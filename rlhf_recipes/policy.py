@@ -21,13 +21,16 @@ _DROPOUT = re.compile(r"(dropout|pdrop)", re.IGNORECASE)
 
 
 def load_tokenizer(key: str, name: str, trust_remote_code: bool = False):
-    """A tokenizer that pads on the left and has a pad token (GPT-2 has none: eos stands in)."""
+    """A tokenizer that has a pad token (GPT-2 has none: eos stands in) and pads on the right."""
     tok = load_pretrained(key, AutoTokenizer.from_pretrained, name, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise RecipeError(f"{key}: tokenizer of {name!r} has neither a pad nor an eos token; add one")
         tok.pad_token = tok.eos_token  # masked out by the attention mask, so its identity does not matter
-    tok.padding_side = "left"  # decoder-only models continue from the right end of the prompt
+    # TRL's collator pads query+response with this side and passes no position ids: right
+    # padding keeps every token at the position it was sampled at. (Generation pads prompts
+    # on the left itself, in rollout.left_pad.)
+    tok.padding_side = "right"
     return tok
 
 

@@ -110,9 +110,30 @@ def test_policy_errors_name_the_field(tiny_dir):
         build_policy(Policy(model="nobody/nothing"), CPU)
 
 
-def test_gpt2_tokenizer_gets_a_pad_token_and_pads_left(tiny_dir):
+def test_gpt2_tokenizer_gets_a_pad_token(tiny_dir):
     tok = load_tokenizer("policy.model", str(tiny_dir / "gpt2"))
-    assert tok.pad_token == tok.eos_token and tok.padding_side == "left"
+    assert tok.pad_token == tok.eos_token and tok.pad_token_id is not None
+
+
+def test_trl_scores_each_token_as_it_was_sampled(tiny_dir):
+    """In a batch of ragged queries, the log-probs TRL trains on equal the unpadded ones."""
+    from rlhf_recipes import apply_overrides, load_recipe, trl_backend
+
+    recipe = apply_overrides(load_recipe("imdb_positive"), [
+        f"policy.model={tiny_dir / 'gpt2'}", "ppo.batch_size=2", "ppo.mini_batch_size=2", "run.output_dir=x"])
+    tok = load_tokenizer("policy.model", recipe.policy.model)
+    policy = build_policy(recipe.policy, CPU)
+    trainer = trl_backend.make_trainer(recipe, policy, tok)
+    queries = [torch.tensor([5, 17, 42, 8, 99, 3]), torch.tensor([7, 9])]
+    responses = [torch.tensor([11, 12, 13]), torch.tensor([21, 22, 23])]
+    logprobs, _, _, masks = trainer.batched_forward_pass(policy, queries, responses,
+                                                         trainer.prepare_model_inputs(queries, responses))
+    for i, (q, r) in enumerate(zip(queries, responses)):
+        seq = torch.cat([q, r])
+        with torch.no_grad():
+            logits = policy.pretrained_model(input_ids=seq[None]).logits[0, :-1]
+        direct = torch.log_softmax(logits, -1).gather(-1, seq[1:, None])[-len(r):, 0]
+        assert torch.allclose(logprobs[i][masks[i].bool()], direct, atol=1e-5)
 
 
 def test_prompts_hold_out_filter_and_cut(tiny_dir):
