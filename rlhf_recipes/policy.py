@@ -29,7 +29,7 @@ def load_tokenizer(key: str, name: str, trust_remote_code: bool = False):
         tok.pad_token = tok.eos_token  # masked out by the attention mask, so its identity does not matter
     # TRL's collator pads query+response with this side and passes no position ids: right
     # padding keeps every token at the position it was sampled at. (Generation pads prompts
-    # on the left itself, in rollout.left_pad.)
+    # on the left itself, in rollout.pad_batch.)
     tok.padding_side = "right"
     return tok
 

@@ -7,17 +7,20 @@ from transformers import GenerationConfig
 from .config import Generation
 
 
-def left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack 1-D token tensors, padded on the left.
+def pad_batch(seqs: list[torch.Tensor], pad_id: int, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D token tensors, padded on `side`.
 
     seqs: n tensors of shape (len_i,) -> (input_ids, attention_mask), both (n, max len_i).
+    Left for generation (continue from the right end); right for scoring, so that with
+    no position ids every token sits at the position it had when sampled.
     """
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = s
-        mask[i, width - len(s):] = 1
+        cols = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[i, cols] = s
+        mask[i, cols] = 1
     return ids, mask
 
 
@@ -51,7 +54,7 @@ def generate(model, tokenizer, queries: list[torch.Tensor], lengths: list[int], 
     responses: list[torch.Tensor] = []
     for start in range(0, len(queries), chunk):
         qs, ls = queries[start:start + chunk], lengths[start:start + chunk]
-        ids, mask = left_pad(qs, tokenizer.pad_token_id)
+        ids, mask = pad_batch(qs, tokenizer.pad_token_id, side="left")
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                              generation_config=sampling_config(gen, max(ls), tokenizer))
         new = out[:, ids.shape[1]:].cpu()

@@ -3,6 +3,9 @@
     OUTPUT_DIR/recipe.json     the resolved recipe, as run
     OUTPUT_DIR/metrics.jsonl   one line of TRL's metric keys per PPO step
     OUTPUT_DIR/model/          adapter (PEFT, safetensors), value_head.safetensors, tokenizer
+    OUTPUT_DIR/heldout.jsonl   the held-out prompts' token ids, so a run re-evaluates without its data
+    OUTPUT_DIR/eval.json       evaluation before, during and after training (rlhf_recipes.evaluation)
+    OUTPUT_DIR/report.md       the before/after table and samples, with training.png and reward_hist.png
 """
 from __future__ import annotations
 
@@ -11,11 +14,14 @@ import os
 import shutil
 from pathlib import Path
 
-from safetensors.torch import save_file
+import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 
 from .config import Recipe, RecipeError
 
 RECIPE, METRICS, MODEL, VALUE_HEAD = "recipe.json", "metrics.jsonl", "model", "value_head.safetensors"
+HELDOUT, EVAL, REPORT = "heldout.jsonl", "eval.json", "report.md"
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
@@ -50,6 +56,24 @@ def save_policy(model, tokenizer, directory: Path) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in model.v_head.state_dict().items()},
               directory / VALUE_HEAD)
     tokenizer.save_pretrained(directory)
+
+
+def load_policy_weights(model, directory: Path) -> None:
+    """Load a saved adapter and value head into a policy built from the same recipe."""
+    result = set_peft_model_state_dict(model.pretrained_model, load_file(directory / "adapter_model.safetensors"))
+    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if missing:
+        raise RecipeError(f"{str(directory)!r}: the saved adapter does not fit policy.model "
+                          f"(unexpected {missing[0]}); evaluate with the recipe the run was trained with")
+    model.v_head.load_state_dict(load_file(directory / VALUE_HEAD))
+
+
+def write_heldout(out: Path, queries: list[torch.Tensor]) -> None:
+    (out / HELDOUT).write_text("".join(json.dumps(q.tolist()) + "\n" for q in queries))
+
+
+def read_heldout(out: Path) -> list[torch.Tensor]:
+    return [torch.tensor(json.loads(line), dtype=torch.long) for line in (out / HELDOUT).read_text().splitlines()]
 
 
 def read_metrics(out: Path) -> list[dict]:

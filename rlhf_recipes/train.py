@@ -18,10 +18,12 @@ from . import trl_backend
 from .config import Recipe
 from .console import StepDisplay, append_jsonl, console, sample_table
 from .data import batch_indices, load_prompts
+from .evaluation import evaluate
 from .policy import build_policy, load_tokenizer
 from .reward import all_finite, build_reward, reward_inputs
 from .rollout import generate
-from .rundir import METRICS, MODEL, check_output_dir, save_policy, start_output_dir
+from .report import summary_line, write_report
+from .rundir import METRICS, MODEL, check_output_dir, save_policy, start_output_dir, write_heldout
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ class TrainResult:
     """One record per PPO step taken, as written to metrics.jsonl."""
     skipped: int
     """Batches skipped for non-finite rewards."""
+    evaluation: dict
+    """What eval.json holds: the held-out evaluation before, during and after training."""
 
 
 def train(recipe: Recipe) -> TrainResult:
@@ -47,6 +51,11 @@ def train(recipe: Recipe) -> TrainResult:
     policy = build_policy(recipe.policy, device)
     trainer = trl_backend.make_trainer(recipe, policy, tokenizer)
     start_output_dir(out, recipe)
+    write_heldout(out, prompts.heldout)
+    held_out = lambda step, check=False: evaluate(  # noqa: E731
+        policy, tokenizer, reward_fn, prompts.heldout, recipe, device, step, check_reference=check)
+    evaluation = {"recipe": recipe.name, "before": held_out(0, check=True), "during": [], "after": None}
+    write_report(out, evaluation, [])
     console.print(f"[bold]{recipe.name}[/]: {len(prompts.train)} training prompts, "
                   f"{len(prompts.heldout)} held out, {run.steps} steps of {recipe.ppo.batch_size} -> {out}", soft_wrap=True)
 
@@ -92,10 +101,16 @@ def train(recipe: Recipe) -> TrainResult:
             display.update(step + 1, stats)
             if run.sample_every and (step + 1) % run.sample_every == 0 and step + 1 < run.steps:
                 sample_table(f"samples at step {step + 1}", query_texts, response_texts, rewards, run.sample_rows)
+            if recipe.eval.every and (step + 1) % recipe.eval.every == 0 and step + 1 < run.steps:
+                evaluation["during"].append(held_out(step + 1))
+                write_report(out, evaluation, records)
 
     # 5. save the adapter, value head and tokenizer
     save_policy(policy, tokenizer, out / MODEL)
     if records:
         sample_table(f"samples at step {records[-1]['step']}", query_texts, response_texts, rewards, run.sample_rows)
     console.print(f"saved adapter, value head and tokenizer to {out / MODEL}")
-    return TrainResult(output_dir=out, metrics=records, skipped=skipped)
+    evaluation["after"] = held_out(run.steps)
+    write_report(out, evaluation, records)
+    console.print(f"held-out evaluation: {summary_line(evaluation)}; see {out / 'report.md'}", soft_wrap=True)
+    return TrainResult(output_dir=out, metrics=records, skipped=skipped, evaluation=evaluation)

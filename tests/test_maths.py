@@ -7,13 +7,15 @@ import torch
 from rlhf_recipes import RecipeError
 from rlhf_recipes.data import batch_indices
 from rlhf_recipes.reward import check_rewards, label_index, select_score
-from rlhf_recipes.rollout import cut_response, left_pad
+from rlhf_recipes.rollout import cut_response, pad_batch
 
 
-def test_left_pad():
-    ids, mask = left_pad([torch.tensor([5, 6, 7]), torch.tensor([9])], pad_id=0)
-    assert ids.tolist() == [[5, 6, 7], [0, 0, 9]]
-    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+def test_pad_batch():
+    seqs = [torch.tensor([5, 6, 7]), torch.tensor([9])]
+    ids, mask = pad_batch(seqs, pad_id=0, side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 9]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad_batch(seqs, pad_id=0, side="right")
+    assert ids.tolist() == [[5, 6, 7], [9, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
 @pytest.mark.parametrize("tokens, length, expected", [

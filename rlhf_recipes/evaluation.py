@@ -1,0 +1,187 @@
+"""Reward and KL against the frozen reference, on held-out prompts, before and after training.
+
+For each held-out prompt, the reference (adapters off) and the policy each sample one
+response with the same seed. Per sample: reward, sequence KL(policy || reference) on the
+policy's samples, response length, distinct-1/2 and mean token entropy. Aggregates carry
+95% confidence intervals; the improvement is paired by prompt, with a win rate.
+
+    python -m rlhf_recipes.evaluation RUN_DIR [section.field=value ...]
+
+re-evaluates a saved run (before: a fresh adapter, i.e. the reference; after: the saved one).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import SECTIONS, Recipe, RecipeError
+from .metrics import distinct_n, masked_mean, sequence_kl, summarize, token_entropy, token_logprobs, win_rate
+from .rollout import generate, pad_batch
+
+KL_AT_START_TOLERANCE = 1e-6
+
+
+class SanityCheckError(RecipeError):
+    """Before any update the policy must be its reference; it is not."""
+
+
+@torch.no_grad()
+def score_responses(model, queries: list[torch.Tensor], responses: list[torch.Tensor], pad_id: int,
+                    device: torch.device, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per sample: KL(policy || reference), the policy's and the reference's mean token entropy.
+
+    queries, responses: n 1-D token tensors -> three (n,) arrays.
+    """
+    peft_model = model.pretrained_model
+    kl, ent, ref_ent = [], [], []
+    for start in range(0, len(queries), batch_size):
+        qs, rs = queries[start:start + batch_size], responses[start:start + batch_size]
+        ids, attn = pad_batch([torch.cat([q, r]) for q, r in zip(qs, rs)], pad_id, side="right")
+        ids, attn = ids.to(device), attn.to(device)
+        mask = torch.zeros_like(ids, dtype=torch.float32)
+        for i, (q, r) in enumerate(zip(qs, rs)):
+            mask[i, len(q):len(q) + len(r)] = 1.0
+        mask = mask[:, 1:]  # logits at t predict token t + 1
+        logits = peft_model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+        with peft_model.disable_adapter():
+            ref_logits = peft_model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+        targets = ids[:, 1:]
+        kl.append(sequence_kl(token_logprobs(logits, targets), token_logprobs(ref_logits, targets), mask))
+        ent.append(masked_mean(token_entropy(logits), mask))
+        ref_ent.append(masked_mean(token_entropy(ref_logits), mask))
+    return tuple(torch.cat(x).cpu().numpy() for x in (kl, ent, ref_ent))
+
+
+def evaluate(model, tokenizer, reward_fn, queries: list[torch.Tensor], recipe: Recipe, device: torch.device,
+             step: int, check_reference: bool = False) -> dict:
+    """One evaluation of the policy against its reference on `queries`: a JSON-able record.
+
+    Runs in a forked RNG, so evaluating (or not) never changes the training run's samples.
+    """
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return _evaluate(model, tokenizer, reward_fn, queries, recipe, device, step, check_reference)
+
+
+def _evaluate(model, tokenizer, reward_fn, queries, recipe, device, step, check_reference) -> dict:
+    from .reward import reward_inputs
+
+    ev, gen = recipe.eval, recipe.generation
+    was_training = model.training
+    model.eval()
+    lengths = np.random.default_rng(ev.seed).integers(
+        gen.response_min_tokens, gen.response_max_tokens + 1, size=len(queries)).tolist()
+    gen = dataclasses.replace(gen, batch_size=ev.batch_size)
+    prompts = tokenizer.batch_decode(queries, skip_special_tokens=True)
+    sides = {}
+    for side, adapters in (("reference", model.pretrained_model.disable_adapter()), ("policy", contextlib.nullcontext())):
+        torch.manual_seed(ev.seed)  # same seed for both: identical models give identical samples
+        with adapters:
+            responses = generate(model, tokenizer, queries, lengths, gen, device)
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        tokens = [r.tolist() for r in responses]
+        sides[side] = {"texts": texts, "tokens": tokens,
+                       "reward": np.asarray(reward_fn(reward_inputs(recipe.reward, prompts, texts)), dtype=float),
+                       "length": np.asarray([len(t) for t in tokens], dtype=float),
+                       "distinct_1": np.asarray([distinct_n([t], 1) for t in tokens]),
+                       "distinct_2": np.asarray([distinct_n([t], 2) for t in tokens])}
+        kl, ent, ref_ent = score_responses(model, queries, responses, tokenizer.pad_token_id, device, ev.batch_size)
+        sides[side]["entropy"] = ent if side == "policy" else ref_ent
+        if side == "policy":
+            sides[side]["kl"] = kl
+    model.train(was_training)
+
+    ref, pol = sides["reference"], sides["policy"]
+    keys = ("reward", "kl", "length", "distinct_1", "distinct_2", "entropy")
+    record = {
+        "step": step, "num_prompts": len(queries),
+        "reference": {k: summarize(ref[k]) for k in keys if k in ref},
+        "policy": {k: summarize(pol[k]) for k in keys},
+        "reward_improvement": summarize(pol["reward"] - ref["reward"]),
+        "win_rate": win_rate(pol["reward"], ref["reward"]),
+        "corpus_distinct": {s: {f"distinct_{n}": distinct_n(sides[s]["tokens"], n) for n in (1, 2)} for s in sides},
+        "per_sample": {"reference_reward": ref["reward"].tolist(), "policy_reward": pol["reward"].tolist(),
+                       "kl": pol["kl"].tolist()},
+        "samples": [{"prompt": p, "reference": r, "policy": q, "reference_reward": float(a),
+                     "policy_reward": float(b), "kl": float(k)}
+                    for p, r, q, a, b, k in zip(prompts, ref["texts"], pol["texts"], ref["reward"], pol["reward"],
+                                                pol["kl"])][:recipe.run.sample_rows * 2],
+    }
+    if check_reference:
+        worst = float(np.max(np.abs(pol["kl"]))) if len(pol["kl"]) else 0.0
+        if worst > KL_AT_START_TOLERANCE:
+            raise SanityCheckError(
+                f"KL(policy || reference) before any update is {worst:.3g}, not 0: the policy is not its "
+                "reference (dropout left on, adapters not starting at zero, or non-deterministic kernels); "
+                "training against it would report false KL, so the run stops here")
+    return record
+
+
+# ---------------------------------------------------------------------------- saved runs
+def recipe_from_dict(data: dict) -> Recipe:
+    """Rebuild a Recipe from a run's recipe.json. Callables saved as 'module:name' are kept as
+    strings; the prompt filter is dropped (a saved run keeps its held-out prompts)."""
+    sections = {}
+    for name, cls in SECTIONS.items():
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in data[name].items()}
+        if name == "prompts":
+            fields["filter"] = None
+        sections[name] = cls(**fields)
+    return Recipe(name=data["name"], **sections)
+
+
+def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dict:
+    """Re-evaluate a saved run from its recipe.json, heldout.jsonl and model/; rewrites eval.json and the report."""
+    from .policy import build_policy, load_tokenizer
+    from .recipe import apply_overrides
+    from .report import write_report
+    from .reward import build_reward
+    from .rundir import EVAL, HELDOUT, MODEL, RECIPE, load_policy_weights, read_heldout, read_metrics
+
+    out = Path(run_dir)
+    for needed in (RECIPE, HELDOUT, f"{MODEL}/adapter_model.safetensors"):
+        if not (out / needed).exists():
+            raise RecipeError(f"{str(out)!r} is not a finished run: {needed} is missing; give a run's output_dir")
+    recipe = apply_overrides(recipe_from_dict(json.loads((out / RECIPE).read_text())), overrides or [])
+    from accelerate import PartialState
+
+    device = PartialState().device
+    tokenizer = load_tokenizer("policy.model", str(out / MODEL))
+    queries = read_heldout(out)
+    reward_fn = build_reward(recipe.reward, device)
+    policy = build_policy(recipe.policy, device)
+    before = evaluate(policy, tokenizer, reward_fn, queries, recipe, device, step=0, check_reference=True)
+    load_policy_weights(policy, out / MODEL)
+    metrics = read_metrics(out)
+    after = evaluate(policy, tokenizer, reward_fn, queries, recipe, device, step=metrics[-1]["step"] if metrics else 0)
+    previous = json.loads((out / EVAL).read_text()) if (out / EVAL).exists() else {}
+    result = {"recipe": recipe.name, "before": before, "during": previous.get("during", []), "after": after}
+    write_report(out, result, metrics)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rlhf_recipes.evaluation",
+                                     description="Re-evaluate a saved run against its reference.")
+    parser.add_argument("run_dir")
+    parser.add_argument("overrides", nargs="*", metavar="section.field=value")
+    args = parser.parse_args(argv)
+    try:
+        result = evaluate_run(args.run_dir, args.overrides)
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from .report import summary_line
+
+    print(summary_line(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The evaluation, written for machines and people: eval.json, report.md and two plots."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .rundir import EVAL, REPORT
+
+ROWS = [("reward", "reward"), ("kl", "KL(policy ‖ ref), nats"), ("length", "response length (tokens)"),
+        ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"), ("entropy", "mean token entropy")]
+
+
+def _cell(stat: dict | None) -> str:
+    if not stat or not math.isfinite(stat["mean"]):
+        return "-"
+    lo, hi = stat["ci95"]
+    return f"{stat['mean']:.3f} ± {(hi - lo) / 2:.3f}" if math.isfinite(lo) else f"{stat['mean']:.3f}"
+
+
+def summary_line(result: dict) -> str:
+    """One line: reward before -> after with the paired improvement, KL and win rate."""
+    b, a = result["before"], result["after"]
+    imp = a["reward_improvement"]
+    return (f"reward {b['policy']['reward']['mean']:.3f} -> {a['policy']['reward']['mean']:.3f} "
+            f"(improvement {imp['mean']:+.3f}, 95% CI {imp['ci95'][0]:+.3f}..{imp['ci95'][1]:+.3f}) | "
+            f"KL {a['policy']['kl']['mean']:.3f} | win rate {a['win_rate']['mean']:.2f} | "
+            f"{a['num_prompts']} held-out prompts")
+
+
+def markdown(result: dict) -> str:
+    b, a = result["before"], result["after"]
+    lines = [f"# {result['recipe']}: evaluation on {a['num_prompts']} held-out prompts", "",
+             f"Policy before training (step {b['step']}) and after (step {a['step']}), each against the "
+             "frozen reference (the same model, adapters off), sampling with the same seed. "
+             "Cells are mean ± the half-width of a 95% confidence interval.", "",
+             "| metric | reference | policy before | policy after | change |", "|---|---|---|---|---|"]
+    for key, label in ROWS:
+        before, after = b["policy"].get(key), a["policy"].get(key)
+        change = f"{after['mean'] - before['mean']:+.3f}" if before and after else "-"
+        lines.append(f"| {label} | {_cell(a['reference'].get(key))} | {_cell(before)} | {_cell(after)} | {change} |")
+    lines += [f"| reward improvement over reference (paired) | | {_cell(b['reward_improvement'])} | "
+              f"{_cell(a['reward_improvement'])} | |",
+              f"| win rate over reference | | {_cell(b['win_rate'])} | {_cell(a['win_rate'])} | |", "",
+              "![training](training.png)", "", "![rewards before and after](reward_hist.png)", "",
+              "## Samples after training", "",
+              "| prompt | reference | policy | reward (ref) | reward (policy) |", "|---|---|---|---|---|"]
+    clean = lambda t: t.replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    for s in a["samples"]:
+        lines.append(f"| {clean(s['prompt'])} | {clean(s['reference'])} | {clean(s['policy'])} | "
+                     f"{s['reference_reward']:.3f} | {s['policy_reward']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(out: Path, result: dict, metrics: list[dict]) -> None:
+    """training.png: reward, KL and KL coefficient per step; reward_hist.png: rewards before vs after."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never a window
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    steps = [m["step"] for m in metrics]
+    for ax, (key, title) in zip(axes, [("env/reward_mean", "reward"), ("objective/kl", "KL (training batch)"),
+                                       ("objective/kl_coef", "KL coefficient")]):
+        ax.plot(steps, [m.get(key, math.nan) for m in metrics], marker="." if len(steps) < 50 else None,
+                label="training batch")
+        ax.set_title(title)
+        ax.set_xlabel("PPO step")
+    evals = [result["before"], *result.get("during", []), result["after"]]
+    axes[0].plot([e["step"] for e in evals], [e["policy"]["reward"]["mean"] for e in evals], "s--",
+                 label="held-out eval")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(out / "training.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    before, after = result["before"]["per_sample"]["policy_reward"], result["after"]["per_sample"]["policy_reward"]
+    ax.hist([before, after], bins=30, label=["before", "after"], alpha=0.8)
+    ax.set_xlabel("reward")
+    ax.set_ylabel("held-out prompts")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "reward_hist.png", dpi=100)
+    plt.close(fig)
+
+
+def write_report(out: Path, result: dict, metrics: list[dict]) -> None:
+    """eval.json always; report.md and the plots once there is an 'after'."""
+    (out / EVAL).write_text(json.dumps(result, indent=1) + "\n")
+    if result.get("after"):
+        (out / REPORT).write_text(markdown(result))
+        plot(out, result, metrics)
