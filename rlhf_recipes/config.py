@@ -274,8 +274,8 @@ class PPO(Section):
         _positive(self, "learning_rate", "batch_size", "mini_batch_size", "ppo_epochs",
                   "gradient_accumulation_steps", "target", "horizon", "cliprange",
                   "cliprange_value", "max_grad_norm", "score_clip", "target_kl", "ratio_threshold")
-        self.require(self.init_kl_coef >= 0, "init_kl_coef", "must be >= 0")
-        self.require(self.vf_coef >= 0, "vf_coef", "must be >= 0")
+        self.require(0 <= self.init_kl_coef < math.inf, "init_kl_coef", "must be finite and >= 0")
+        self.require(0 <= self.vf_coef < math.inf, "vf_coef", "must be finite and >= 0")
         self.require(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]")
         self.require(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
         step = self.mini_batch_size * self.gradient_accumulation_steps
@@ -298,6 +298,7 @@ class Eval(Section):
     def check(self) -> None:
         _positive(self, "num_prompts", "batch_size")
         self.require(self.every >= 0, "every", "must be >= 0")
+        self.require(0 <= self.seed < 2 ** 32, "seed", "must be in [0, 2**32)")
 
 
 @dataclass(frozen=True)
@@ -318,6 +319,7 @@ class Run(Section):
     def check(self) -> None:
         self.require(bool(self.output_dir.strip()), "output_dir", "must name a directory")
         _positive(self, "steps", "sample_rows")
+        self.require(0 <= self.seed < 2 ** 32, "seed", "must be in [0, 2**32)")
         self.require(self.sample_every >= 0, "sample_every", "must be >= 0")
 
 

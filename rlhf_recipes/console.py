@@ -8,6 +8,7 @@ from typing import Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
 from rich.table import Table
 
 console = Console(highlight=False)
@@ -61,5 +62,5 @@ def sample_table(title: str, prompts: Sequence[str], responses: Sequence[str], r
     table.add_column("response", overflow="fold")
     table.add_column("reward", justify="right")
     for p, r, x in list(zip(prompts, responses, rewards))[:rows]:
-        table.add_row(p, r, "nan" if not math.isfinite(x) else f"{x:.3f}")
+        table.add_row(escape(p), escape(r), "nan" if not math.isfinite(x) else f"{x:.3f}")  # texts are not markup
     console.print(table)

@@ -44,6 +44,7 @@ def load_texts(cfg: Prompts) -> list[str]:
 
 def _load_texts(cfg: Prompts) -> list[str]:
     from datasets import load_dataset  # heavy: imported only when prompts are loaded
+    from datasets.exceptions import DatasetGenerationError
 
     matches = sorted(glob.glob(str(Path(cfg.dataset).expanduser())))
     try:
@@ -55,6 +56,11 @@ def _load_texts(cfg: Prompts) -> list[str]:
             ds = load_dataset(builder, data_files=matches, split="train")
         else:
             ds = load_dataset(matches[0] if matches else cfg.dataset, cfg.subset, split=cfg.split)
+    except RecipeError:
+        raise
+    except DatasetGenerationError as err:
+        raise RecipeError(f"prompts.dataset {cfg.dataset!r} cannot be parsed: {first_line(err.__cause__ or err)}; "
+                          "fix the file") from None
     except (FileNotFoundError, ConnectionError, OSError) as err:
         if matches:
             raise RecipeError(f"prompts.dataset {cfg.dataset!r} does not load: {first_line(err)}") from None

@@ -23,7 +23,7 @@ import torch
 
 from .config import SECTIONS, Recipe, RecipeError
 from .metrics import distinct_n, masked_mean, sequence_kl, summarize, token_entropy, token_logprobs, win_rate
-from .rollout import generate, pad_batch
+from .rollout import decode_pairs, generate, pad_batch
 
 KL_AT_START_TOLERANCE = 1e-6
 
@@ -78,13 +78,12 @@ def _evaluate(model, tokenizer, reward_fn, queries, recipe, device, step, check_
     lengths = np.random.default_rng(ev.seed).integers(
         gen.response_min_tokens, gen.response_max_tokens + 1, size=len(queries)).tolist()
     gen = dataclasses.replace(gen, batch_size=ev.batch_size)
-    prompts = tokenizer.batch_decode(queries, skip_special_tokens=True)
     sides = {}
     for side, adapters in (("reference", model.pretrained_model.disable_adapter()), ("policy", contextlib.nullcontext())):
         torch.manual_seed(ev.seed)  # same seed for both: identical models give identical samples
         with adapters:
             responses = generate(model, tokenizer, queries, lengths, gen, device)
-        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        prompts, texts = decode_pairs(tokenizer, queries, responses)
         tokens = [r.tolist() for r in responses]
         sides[side] = {"texts": texts, "tokens": tokens,
                        "reward": np.asarray(reward_fn(reward_inputs(recipe.reward, prompts, texts)), dtype=float),

@@ -26,7 +26,7 @@ def load_pretrained(key: str, loader: Callable[..., Any], name: str, **kwargs: A
     if path.exists():
         try:
             return loader(str(path), **kwargs)
-        except OSError as err:
+        except (OSError, ValueError) as err:  # ValueError: e.g. a classifier where a causal LM belongs
             raise RecipeError(f"{key}: {name!r} exists but does not load: {first_line(err)}") from None
     if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not an org/name Hub id
         raise RecipeError(f"{key}: local path {name!r} does not exist; fix the path or give a Hub id")

@@ -34,11 +34,13 @@ def load_recipe(path_or_name: str | Path) -> Recipe:
                               f"or a shipped recipe name ({', '.join(shipped_recipes())})")
         name = f"_rlhf_recipe_{path.stem}"
         spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None:
+            raise RecipeError(f"recipe file {text!r} is not a Python file; give a .py recipe")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # dataclasses and pickling look modules up by name
         try:
             spec.loader.exec_module(module)
-        except RecipeError as err:
+        except (RecipeError, TypeError) as err:  # TypeError: a misspelled or missing section field
             raise RecipeError(f"{text}: {err}") from None
     elif text in shipped_recipes():
         module = importlib.import_module(f"rlhf_recipes.recipes.{text}")

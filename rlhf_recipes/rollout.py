@@ -49,14 +49,33 @@ def sampling_config(gen: Generation, max_new_tokens: int, tokenizer) -> Generati
 @torch.no_grad()
 def generate(model, tokenizer, queries: list[torch.Tensor], lengths: list[int], gen: Generation,
              device: torch.device) -> list[torch.Tensor]:
-    """One response per query, `lengths[i]` tokens at most, in batches of gen.batch_size."""
+    """One response per query, `lengths[i]` tokens at most, in batches of gen.batch_size.
+
+    Sampling is in eval mode: TRL leaves the model training, and in train mode dropout is
+    live and gradient checkpointing drops the KV cache, so each token would see one token.
+    """
+    was_training = model.training
+    model.eval()
     chunk = gen.batch_size or len(queries)
     responses: list[torch.Tensor] = []
     for start in range(0, len(queries), chunk):
         qs, ls = queries[start:start + chunk], lengths[start:start + chunk]
         ids, mask = pad_batch(qs, tokenizer.pad_token_id, side="left")
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             generation_config=sampling_config(gen, max(ls), tokenizer))
+                             generation_config=sampling_config(gen, max(ls), tokenizer),
+                             use_model_defaults=False)  # else the model's own defaults fill our unset fields
         new = out[:, ids.shape[1]:].cpu()
         responses.extend(cut_response(row, n, tokenizer.eos_token_id) for row, n in zip(new, ls))
+    model.train(was_training)
     return responses
+
+
+def decode_pairs(tokenizer, queries: list[torch.Tensor], responses: list[torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Prompt and response texts such that prompt + response is the decoded whole.
+
+    Decoding the response alone loses its leading space with SentencePiece-style
+    tokenizers (Llama, Mistral), which would glue words together for the reward.
+    """
+    prompts = tokenizer.batch_decode(queries, skip_special_tokens=True)
+    wholes = tokenizer.batch_decode([torch.cat([q, r]) for q, r in zip(queries, responses)], skip_special_tokens=True)
+    return prompts, [w[len(p):] if w.startswith(p) else w for p, w in zip(prompts, wholes)]

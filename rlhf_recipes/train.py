@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from accelerate import PartialState
+from rich.markup import escape
 from transformers import set_seed
 
 from . import trl_backend
@@ -21,7 +22,7 @@ from .data import batch_indices, load_prompts
 from .evaluation import evaluate
 from .policy import build_policy, load_tokenizer
 from .reward import all_finite, build_reward, reward_inputs
-from .rollout import generate
+from .rollout import decode_pairs, generate
 from .report import summary_line, write_report
 from .rundir import METRICS, MODEL, check_output_dir, save_policy, start_output_dir, write_heldout
 
@@ -50,13 +51,13 @@ def train(recipe: Recipe) -> TrainResult:
     reward_fn = build_reward(recipe.reward, device)
     policy = build_policy(recipe.policy, device)
     trainer = trl_backend.make_trainer(recipe, policy, tokenizer)
-    start_output_dir(out, recipe)
-    write_heldout(out, prompts.heldout)
     held_out = lambda step, check=False: evaluate(  # noqa: E731
         policy, tokenizer, reward_fn, prompts.heldout, recipe, device, step, check_reference=check)
     evaluation = {"recipe": recipe.name, "before": held_out(0, check=True), "during": [], "after": None}
+    start_output_dir(out, recipe)  # only now: a failing reward or sanity check leaves the old run whole
+    write_heldout(out, prompts.heldout)
     write_report(out, evaluation, [])
-    console.print(f"[bold]{recipe.name}[/]: {len(prompts.train)} training prompts, "
+    console.print(f"[bold]{escape(recipe.name)}[/]: {len(prompts.train)} training prompts, "
                   f"{len(prompts.heldout)} held out, {run.steps} steps of {recipe.ppo.batch_size} -> {out}", soft_wrap=True)
 
     records: list[dict] = []
@@ -73,8 +74,7 @@ def train(recipe: Recipe) -> TrainResult:
             t1 = time.perf_counter()
 
             # 2. score the decoded texts
-            query_texts = tokenizer.batch_decode(queries, skip_special_tokens=True)
-            response_texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+            query_texts, response_texts = decode_pairs(tokenizer, queries, responses)
             rewards = reward_fn(reward_inputs(recipe.reward, query_texts, response_texts))
             t2 = time.perf_counter()
             if not all_finite(rewards):

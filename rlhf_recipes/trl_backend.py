@@ -39,7 +39,11 @@ def make_trainer(recipe: Recipe, model, tokenizer) -> PPOTrainer:
         model.pretrained_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     config = PPOConfig(**fields, gradient_checkpointing=False, seed=recipe.run.seed, exp_name=recipe.name,
                        steps=recipe.run.steps * recipe.ppo.batch_size, log_with=None)
-    return PPOTrainer(config, model=model, ref_model=None, tokenizer=tokenizer)
+    trainer = PPOTrainer(config, model=model, ref_model=None, tokenizer=tokenizer)
+    # TRL keeps the trainable parameters as a one-shot filter(): max_grad_norm would clip
+    # the first minibatch of the run and nothing after it
+    trainer.model_params = [p for p in trainer.model.parameters() if p.requires_grad]
+    return trainer
 
 
 def ppo_step(trainer: PPOTrainer, queries: list[torch.Tensor], responses: list[torch.Tensor],

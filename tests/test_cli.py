@@ -110,3 +110,13 @@ def test_a_non_empty_output_dir_is_refused_and_kept(tiny_dir, tmp_path):
     assert main(argv) == 2
     assert main(argv + ["run.overwrite=true"]) == 2  # overwrite replaces runs, never other files
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_one_fails_at_start(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    argv = ["imdb_positive", *local_overrides("imdb_positive", tiny_dir), *SMALL, f"run.output_dir={out}"]
+    assert main(argv) == 0
+    before = (out / "metrics.jsonl").read_text()
+    # a reward function that returns one number instead of a list fails at the first evaluation
+    assert main(argv + ["run.overwrite=true", "reward.model=", "reward.function=builtins:len"]) == 2
+    assert (out / "metrics.jsonl").read_text() == before and (out / "model" / "adapter_model.safetensors").exists()

@@ -32,6 +32,10 @@ BASE = load_recipe("imdb_positive")
     (lambda: dataclasses.replace(BASE.ppo, adap_kl_ctrl="yes"), "ppo.adap_kl_ctrl"),
     (lambda: Eval(num_prompts=0), "eval.num_prompts"),
     (lambda: Run(output_dir="o", steps=0), "run.steps"),
+    (lambda: Run(output_dir="o", steps=1, seed=-1), "run.seed"),
+    (lambda: Eval(seed=2 ** 32), "eval.seed"),
+    (lambda: dataclasses.replace(BASE.ppo, vf_coef=float("inf")), "ppo.vf_coef"),
+    (lambda: dataclasses.replace(BASE.ppo, init_kl_coef=float("inf")), "ppo.init_kl_coef"),
 ])
 def test_section_errors_name_the_field(build, field):
     with pytest.raises(RecipeError, match=field.replace(".", r"\.")):
@@ -128,3 +132,11 @@ def test_load_recipe_by_path_and_errors(tmp_path):
     bad.write_text("from rlhf_recipes import Policy\nrecipe = Policy(model='m', lora_r=-1)\n")
     with pytest.raises(RecipeError, match="bad.py: policy.lora_r"):
         load_recipe(bad)
+    typo = tmp_path / "typo.py"
+    typo.write_text("from rlhf_recipes import Policy\nrecipe = Policy(modle='m')\n")
+    with pytest.raises(RecipeError, match="typo.py: .*unexpected keyword argument 'modle'"):
+        load_recipe(typo)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(RecipeError, match="not a Python file"):
+        load_recipe(text)

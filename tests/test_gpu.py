@@ -1,0 +1,27 @@
+"""Opt-in GPU tests: the same CLI runs on CUDA, 8-bit and 4-bit included.
+
+Run with RLHF_RECIPES_GPU_TESTS=1 on a machine with a CUDA GPU; skipped everywhere else.
+"""
+import os
+
+import pytest
+import torch
+
+from conftest import SMALL, local_overrides
+from rlhf_recipes.rundir import read_metrics
+from rlhf_recipes.run import main
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
+    not (os.environ.get("RLHF_RECIPES_GPU_TESTS") == "1" and torch.cuda.is_available()),
+    reason="opt-in: set RLHF_RECIPES_GPU_TESTS=1 on a CUDA machine")]
+
+
+@pytest.mark.parametrize("quantization", ["none", "8bit", "4bit"])
+def test_recipe_trains_on_cuda(quantization, tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    torch.cuda.reset_peak_memory_stats()
+    assert main(["imdb_positive", *local_overrides("imdb_positive", tiny_dir), *SMALL, "ppo.learning_rate=1e-3",
+                 f"policy.quantization={quantization}", f"run.output_dir={out}"]) == 0
+    metrics = read_metrics(out)
+    assert abs(metrics[0]["objective/kl"]) < 1e-6 < abs(metrics[1]["objective/kl"])
+    assert torch.cuda.max_memory_allocated() > 0  # the work really ran on the GPU
