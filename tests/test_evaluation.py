@@ -34,6 +34,16 @@ def small_recipe(tiny_dir, tmp_path, *extra, stub=True):
                                                                   input="response"))
 
 
+def moved_policy(tiny_dir, move):
+    """The tiny GPT-2 policy with its LoRA B matrices moved off zero by `move` (in place)."""
+    policy = build_policy(dataclasses.replace(load_recipe("imdb_positive").policy, model=str(tiny_dir / "gpt2")), CPU)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                move(p)
+    return policy
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_dir, tmp_path_factory):
     quiet.install()  # module fixtures run before the per-test one in conftest
@@ -63,12 +73,7 @@ def test_figures_equal_a_direct_computation(trained):
 
 
 def test_batched_kl_and_entropy_equal_per_sample_computation(tiny_dir):
-    recipe = load_recipe("imdb_positive")
-    policy = build_policy(dataclasses.replace(recipe.policy, model=str(tiny_dir / "gpt2")), CPU)
-    with torch.no_grad():
-        for name, p in policy.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.2)
+    policy = moved_policy(tiny_dir, lambda p: p.normal_(std=0.2))
     queries = [torch.tensor([5, 17, 42, 8, 99]), torch.tensor([7, 9]), torch.tensor([3, 4, 5])]
     responses = [torch.tensor([11, 12]), torch.tensor([21, 22, 23, 24]), torch.tensor([0])]
     kl, ent, ref_ent = score_responses(policy, queries, responses, pad_id=0, device=CPU, batch_size=2)
@@ -89,11 +94,7 @@ def test_batched_kl_and_entropy_equal_per_sample_computation(tiny_dir):
 
 def test_sanity_check_stops_a_policy_that_is_not_its_reference(tiny_dir):
     recipe = load_recipe("imdb_positive")
-    policy = build_policy(dataclasses.replace(recipe.policy, model=str(tiny_dir / "gpt2")), CPU)
-    with torch.no_grad():
-        for name, p in policy.named_parameters():
-            if "lora_B" in name:
-                p.fill_(0.01)
+    policy = moved_policy(tiny_dir, lambda p: p.fill_(0.01))
     tok = load_tokenizer("policy.model", str(tiny_dir / "gpt2"))
     with pytest.raises(SanityCheckError, match=r"KL\(policy \|\| reference\) before any update is .*not 0"):
         evaluate(policy, tok, stub_reward, [torch.tensor([5, 17])] * 4, recipe, CPU, step=0, check_reference=True)
