@@ -47,17 +47,16 @@ def _load_texts(cfg: Prompts) -> list[str]:
     from datasets.exceptions import DatasetGenerationError
 
     matches = sorted(glob.glob(str(Path(cfg.dataset).expanduser())))
+    files = bool(matches) and Path(matches[0]).is_file()
+    builder = _BUILDERS.get(Path(matches[0]).suffix) if files else None
+    if files and builder is None:
+        raise RecipeError(f"prompts.dataset {cfg.dataset!r}: unsupported file type; "
+                          f"use {', '.join(_BUILDERS)} files or a Hub dataset id")
     try:
-        if matches and Path(matches[0]).is_file():
-            builder = _BUILDERS.get(Path(matches[0]).suffix)
-            if builder is None:
-                raise RecipeError(f"prompts.dataset {cfg.dataset!r}: unsupported file type; "
-                                  f"use {', '.join(_BUILDERS)} files or a Hub dataset id")
+        if files:
             ds = load_dataset(builder, data_files=matches, split="train")
         else:
             ds = load_dataset(matches[0] if matches else cfg.dataset, cfg.subset, split=cfg.split)
-    except RecipeError:
-        raise
     except DatasetGenerationError as err:
         raise RecipeError(f"prompts.dataset {cfg.dataset!r} cannot be parsed: {first_line(err.__cause__ or err)}; "
                           "fix the file") from None

@@ -20,10 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
 
 from .config import SECTIONS, Recipe, RecipeError
 from .metrics import distinct_n, masked_mean, sequence_kl, summarize, token_entropy, token_logprobs, win_rate
+from .policy import build_policy, load_tokenizer
+from .recipe import apply_overrides
+from .report import summary_line, write_report
+from .reward import build_reward, reward_inputs
 from .rollout import decode_pairs, generate, pad_batch
+from .rundir import EVAL, HELDOUT, MODEL, RECIPE, load_policy_weights, read_heldout, read_metrics
 
 KL_AT_START_TOLERANCE = 1e-6
 
@@ -70,8 +76,6 @@ def evaluate(model, tokenizer, reward_fn, queries: list[torch.Tensor], recipe: R
 
 
 def _evaluate(model, tokenizer, reward_fn, queries, recipe, device, step, check_reference) -> dict:
-    from .reward import reward_inputs
-
     ev, gen = recipe.eval, recipe.generation
     was_training = model.training
     model.eval()
@@ -137,19 +141,11 @@ def recipe_from_dict(data: dict) -> Recipe:
 
 def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dict:
     """Re-evaluate a saved run from its recipe.json, heldout.jsonl and model/; rewrites eval.json and the report."""
-    from .policy import build_policy, load_tokenizer
-    from .recipe import apply_overrides
-    from .report import write_report
-    from .reward import build_reward
-    from .rundir import EVAL, HELDOUT, MODEL, RECIPE, load_policy_weights, read_heldout, read_metrics
-
     out = Path(run_dir)
     for needed in (RECIPE, HELDOUT, f"{MODEL}/adapter_model.safetensors"):
         if not (out / needed).exists():
             raise RecipeError(f"{str(out)!r} is not a finished run: {needed} is missing; give a run's output_dir")
     recipe = apply_overrides(recipe_from_dict(json.loads((out / RECIPE).read_text())), overrides or [])
-    from accelerate import PartialState
-
     device = PartialState().device
     tokenizer = load_tokenizer("policy.model", str(out / MODEL))
     queries = read_heldout(out)
@@ -176,8 +172,6 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from .report import summary_line
-
     print(summary_line(result))
     return 0
 

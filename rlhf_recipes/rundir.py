@@ -61,10 +61,10 @@ def save_policy(model, tokenizer, directory: Path) -> None:
 def load_policy_weights(model, directory: Path) -> None:
     """Load a saved adapter and value head into a policy built from the same recipe."""
     result = set_peft_model_state_dict(model.pretrained_model, load_file(directory / "adapter_model.safetensors"))
-    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-    if missing:
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if unexpected:
         raise RecipeError(f"{str(directory)!r}: the saved adapter does not fit policy.model "
-                          f"(unexpected {missing[0]}); evaluate with the recipe the run was trained with")
+                          f"(unexpected {unexpected[0]}); evaluate with the recipe the run was trained with")
     model.v_head.load_state_dict(load_file(directory / VALUE_HEAD))
 
 

@@ -204,10 +204,19 @@ def test_texts_with_markup_print_as_text(capsys):
     assert "[/spoiler]" in printed and "[b]bold[/b]" in printed
 
 
-def test_decode_pairs_keeps_the_space_between_prompt_and_response(tiny_dir):
+def test_decode_pairs_keeps_the_space_between_prompt_and_response():
+    """With a SentencePiece-style (Metaspace) tokenizer, decoding the response alone drops its
+    leading space; the pair must still read as the decoded whole."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     from rlhf_recipes.rollout import decode_pairs
 
-    tok = load_tokenizer("policy.model", str(tiny_dir / "gpt2"))
-    q, r = tok("The plot was", return_tensors="pt").input_ids[0], tok(" dull", return_tensors="pt").input_ids[0]
+    words = ["<unk>", "▁The", "▁plot", "▁was", "▁dull"]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    raw.pre_tokenizer, raw.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>")
+    q, r = torch.tensor([1, 2, 3]), torch.tensor([4])
+    assert tok.decode(q) + tok.decode(r) == "The plot wasdull"  # the failure decode_pairs exists to avoid
     prompts, responses = decode_pairs(tok, [q], [r])
     assert prompts[0] + responses[0] == "The plot was dull"
