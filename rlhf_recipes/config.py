@@ -315,10 +315,17 @@ class Run(Section):
     sample_rows: int = 4
     overwrite: bool = False
     """Allow writing into a non-empty output directory (its old contents are removed)."""
+    checkpoint_every: int = 25
+    """Write a checkpoint every N PPO steps; one is also written at the end and when stopped."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+    max_bad_batches: int = 3
+    """Stop, with a checkpoint of the last good state, after this many batches in a row
+    with non-finite rewards or losses (each one is skipped and rolled back)."""
 
     def check(self) -> None:
         self.require(bool(self.output_dir.strip()), "output_dir", "must name a directory")
-        _positive(self, "steps", "sample_rows")
+        _positive(self, "steps", "sample_rows", "checkpoint_every", "keep_checkpoints", "max_bad_batches")
         self.require(0 <= self.seed < 2 ** 32, "seed", "must be in [0, 2**32)")
         self.require(self.sample_every >= 0, "sample_every", "must be >= 0")
 

@@ -1,4 +1,4 @@
-"""The command line: `python -m rlhf_recipes.run RECIPE [section.field=value ...] [--dry-run]`.
+"""The command line: `python -m rlhf_recipes.run RECIPE [section.field=value ...] [--dry-run] [--resume]`.
 
 A thin shell over `load_recipe`, `apply_overrides` and `train`. Input the user can fix
 ends with one line on stderr and exit code 2, never a traceback.
@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 
 from .config import RecipeError
 from .recipe import apply_overrides, load_recipe, shipped_recipes, valid_keys
+from .stopping import RunStopped
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,6 +32,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="path to a recipe .py file, or a shipped recipe name")
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="change any field of the recipe")
     p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit, loading no model")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in run.output_dir from its newest checkpoint (same recipe and overrides)")
     return p
 
 
@@ -42,14 +46,24 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from .train import train  # heavy imports only when training
 
-        train(recipe)
+        train(recipe, resume=args.resume)
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunStopped as stop:
+        print(f"error: {stop}; to continue: {resume_command(argv)}", file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print(f"error: interrupted; the newest checkpoint, if any, resumes with: {resume_command(argv)}",
+              file=sys.stderr)
         return 130
     return 0
+
+
+def resume_command(argv: list[str] | None) -> str:
+    """The command line that continues this run."""
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
+    return shlex.join(["python", "-m", "rlhf_recipes.run", *args, "--resume"])
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
     OUTPUT_DIR/heldout.jsonl   the held-out prompts' token ids, so a run re-evaluates without its data
     OUTPUT_DIR/eval.json       evaluation before, during and after training (rlhf_recipes.evaluation)
     OUTPUT_DIR/report.md       the before/after table and samples, with training.png and reward_hist.png
+    OUTPUT_DIR/checkpoints/    the newest checkpoints, to resume from (rlhf_recipes.checkpoint)
 """
 from __future__ import annotations
 
@@ -24,38 +25,81 @@ RECIPE, METRICS, MODEL, VALUE_HEAD = "recipe.json", "metrics.jsonl", "model", "v
 HELDOUT, EVAL, REPORT = "heldout.jsonl", "eval.json", "report.md"
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
+def check_output_dir(out: Path, overwrite: bool, resume: bool = False) -> None:
     """Refuse, before anything is loaded or written, a directory the run must not touch."""
+    if overwrite and resume:
+        raise RecipeError("run.overwrite=true and --resume contradict each other; drop one")
     if out.exists() and not out.is_dir():
         raise RecipeError(f"run.output_dir {str(out)!r} is a file; choose a directory")
     if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
+        if not (overwrite or resume):
             raise RecipeError(f"run.output_dir {str(out)!r} is not empty; choose another directory, "
-                              "or pass run.overwrite=true to replace the run in it")
+                              "pass --resume to continue the run in it, or run.overwrite=true to replace it")
         if not (out / RECIPE).is_file():
             raise RecipeError(f"run.output_dir {str(out)!r} holds files that are not a run's (no {RECIPE}); "
-                              "run.overwrite only replaces runs, so choose another directory")
+                              "choose another directory")
     existing = next(p for p in [out, *out.absolute().parents] if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise RecipeError(f"run.output_dir {str(out)!r} cannot be written ({str(existing)!r} is not writable); "
                           "choose a writable directory")
 
 
-def start_output_dir(out: Path, recipe: Recipe) -> None:
-    """Create (or, with run.overwrite, empty) the run directory and record the resolved recipe."""
-    if out.is_dir() and recipe.run.overwrite and (out / RECIPE).is_file():
+# Fields a resumed run may change: they decide how long to run and what to show, not what is learned.
+RESUMABLE_CHANGES = frozenset({"run.steps", "run.sample_every", "run.sample_rows", "run.overwrite",
+                               "run.checkpoint_every", "run.keep_checkpoints", "run.max_bad_batches", "eval.every"})
+
+
+def check_same_recipe(out: Path, recipe: Recipe) -> None:
+    """A run resumes only with the recipe it was started with (up to RESUMABLE_CHANGES)."""
+    saved, now = _dotted(json.loads((out / RECIPE).read_text())), _dotted(recipe.to_dict())
+    for key in sorted(set(saved) | set(now)):
+        if saved.get(key) != now.get(key) and key not in RESUMABLE_CHANGES:
+            raise RecipeError(f"--resume: {key} is {now.get(key)!r} but the run in {str(out)!r} used "
+                              f"{saved.get(key)!r}; resume with the same recipe and overrides")
+
+
+def _dotted(recipe: dict) -> dict:
+    return {f"{section}.{k}" if isinstance(fields, dict) else section: v
+            for section, fields in recipe.items()
+            for k, v in (fields.items() if isinstance(fields, dict) else [(None, fields)])}
+
+
+def start_output_dir(out: Path, recipe: Recipe, replace: bool) -> None:
+    """Create the run directory (emptied first if `replace` and it holds a run) and record the recipe."""
+    if replace and (out / RECIPE).is_file():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / RECIPE).write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
 
 
 def save_policy(model, tokenizer, directory: Path) -> None:
-    """Adapter (loads with PeftModel.from_pretrained), value head and tokenizer, all safetensors/json."""
-    directory.mkdir(parents=True, exist_ok=True)
-    model.pretrained_model.save_pretrained(directory)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.v_head.state_dict().items()},
-              directory / VALUE_HEAD)
-    tokenizer.save_pretrained(directory)
+    """Adapter (loads with PeftModel.from_pretrained), value head and tokenizer, all safetensors/json.
+
+    Written beside `directory` and renamed into place: an interrupted save leaves the old one.
+    """
+    tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.pretrained_model.save_pretrained(tmp)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.v_head.state_dict().items()}, tmp / VALUE_HEAD)
+    tokenizer.save_pretrained(tmp)
+    replace_dir(tmp, directory)
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put directory `new` where `target` is, never leaving neither of them in place."""
+    old = target.with_name(f".old-{target.name}-{os.getpid()}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_metrics(out: Path, records: list[dict]) -> None:
+    """Replace metrics.jsonl with `records` in one rename (resuming drops steps after the checkpoint)."""
+    tmp = out / f".tmp-{METRICS}"
+    tmp.write_text("".join(json.dumps(r, allow_nan=True) + "\n" for r in records))
+    os.replace(tmp, out / METRICS)
 
 
 def load_policy_weights(model, directory: Path) -> None:
@@ -79,4 +123,7 @@ def read_heldout(out: Path) -> list[torch.Tensor]:
 def read_metrics(out: Path) -> list[dict]:
     """The per-step records of a run's metrics.jsonl."""
     path = out / METRICS
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    lines = path.read_text().splitlines() if path.exists() else []
+    if lines and not lines[-1].endswith("}"):  # a line torn by a crash mid-write
+        lines.pop()
+    return [json.loads(line) for line in lines if line.strip()]

@@ -1,4 +1,4 @@
-"""`train(recipe)`: the PPO loop, in numbered steps (generate, score, step, log, save).
+"""`train(recipe)`: the PPO loop, in numbered steps (generate, score, step, log, checkpoint).
 
 This is what `python -m rlhf_recipes.run` calls, and what other projects call to train
 a recipe from Python.
@@ -15,8 +15,8 @@ from accelerate import PartialState
 from rich.markup import escape
 from transformers import set_seed
 
-from . import trl_backend
-from .config import Recipe
+from . import checkpoint, trl_backend
+from .config import Recipe, RecipeError
 from .console import StepDisplay, append_jsonl, console, sample_table
 from .data import batch_indices, load_prompts
 from .evaluation import evaluate
@@ -24,7 +24,9 @@ from .policy import build_policy, load_tokenizer
 from .reward import all_finite, build_reward, reward_inputs
 from .rollout import decode_pairs, generate
 from .report import summary_line, write_report
-from .rundir import METRICS, MODEL, check_output_dir, save_policy, start_output_dir, write_heldout
+from .rundir import (METRICS, MODEL, RECIPE, check_output_dir, check_same_recipe, save_policy, start_output_dir,
+                     write_heldout, write_metrics)
+from .stopping import RunStopped, StopRequests
 
 
 @dataclass(frozen=True)
@@ -38,11 +40,16 @@ class TrainResult:
     """What eval.json holds: the held-out evaluation before, during and after training."""
 
 
-def train(recipe: Recipe) -> TrainResult:
-    """Train `recipe` with PPO; outputs go to recipe.run.output_dir (see rlhf_recipes.rundir)."""
+def train(recipe: Recipe, resume: bool = False) -> TrainResult:
+    """Train `recipe` with PPO; outputs go to recipe.run.output_dir (see rlhf_recipes.rundir).
+
+    resume: continue the run in output_dir from its newest checkpoint (a new run if it has none).
+    Raises RunStopped when a signal or repeated non-finite batches stop it early.
+    """
     run, gen = recipe.run, recipe.generation
     out = Path(run.output_dir)
-    check_output_dir(out, run.overwrite)  # before minutes of loading, and before writing anything
+    check_output_dir(out, run.overwrite, resume)  # before minutes of loading, and before writing anything
+    saved = _resume_point(out, recipe) if resume else None
     set_seed(run.seed)
     device = PartialState().device  # this process's accelerator if it has one, else the CPU
 
@@ -53,17 +60,34 @@ def train(recipe: Recipe) -> TrainResult:
     trainer = trl_backend.make_trainer(recipe, policy, tokenizer)
     held_out = lambda step, check=False: evaluate(  # noqa: E731
         policy, tokenizer, reward_fn, prompts.heldout, recipe, device, step, check_reference=check)
-    evaluation = {"recipe": recipe.name, "before": held_out(0, check=True), "during": [], "after": None}
-    start_output_dir(out, recipe)  # only now: a failing reward or sanity check leaves the old run whole
-    write_heldout(out, prompts.heldout)
-    write_report(out, evaluation, [])
+    if saved is None:
+        evaluation = {"recipe": recipe.name, "before": held_out(0, check=True), "during": [], "after": None}
+        # only now: a failing reward or sanity check leaves an old run whole
+        start_output_dir(out, recipe, replace=run.overwrite or resume)
+        write_heldout(out, prompts.heldout)
+        records, start, skipped, bad_in_row = [], 0, 0, 0
+    else:
+        if saved.state["num_prompts"] != len(prompts.train):
+            raise RecipeError(f"--resume: the training prompts changed ({len(prompts.train)} now, "
+                              f"{saved.state['num_prompts']} at {saved.path}); resume needs the same data")
+        trl_backend.load_trainer_state(trainer, saved.state["trainer"])
+        records, start, evaluation = saved.metrics, saved.step, saved.state["evaluation"]
+        skipped, bad_in_row = saved.state["skipped"], saved.state["bad_in_row"]
+        start_output_dir(out, recipe, replace=False)  # records any change to run.steps
+        write_metrics(out, records)  # drops the steps after the checkpoint
+        checkpoint.set_rng_state(saved.state["rng"])  # last: building the trainer reseeds
+        console.print(f"resuming from {saved.path} (step {start})")
+    write_report(out, evaluation, records)
     console.print(f"[bold]{escape(recipe.name)}[/]: {len(prompts.train)} training prompts, "
                   f"{len(prompts.heldout)} held out, {run.steps} steps of {recipe.ppo.batch_size} -> {out}", soft_wrap=True)
 
-    records: list[dict] = []
-    skipped = 0
-    with StepDisplay(run.steps) as display:
-        for step in range(run.steps):
+    def save_checkpoint(done: int) -> Path:
+        state = {"trainer": trl_backend.trainer_state(trainer), "num_prompts": len(prompts.train),
+                 "skipped": skipped, "bad_in_row": bad_in_row, "evaluation": evaluation}
+        return checkpoint.save(out, done, state, records, run.keep_checkpoints)
+
+    with StepDisplay(run.steps, start) as display, StopRequests() as stop:
+        for step in range(start, run.steps):
             t0 = time.perf_counter()
             # 1. generate: a batch of prompts (a pure function of seed and step), one response each
             batch = batch_indices(len(prompts.train), recipe.ppo.batch_size, step, run.seed)
@@ -77,35 +101,53 @@ def train(recipe: Recipe) -> TrainResult:
             query_texts, response_texts = decode_pairs(tokenizer, queries, responses)
             rewards = reward_fn(reward_inputs(recipe.reward, query_texts, response_texts))
             t2 = time.perf_counter()
-            if not all_finite(rewards):
-                skipped += 1
-                console.print(f"[yellow]step {step + 1}: non-finite reward, batch skipped ({skipped} so far)")
-                continue
 
-            # 3. one PPO update against the adapters-off reference
-            stats = trl_backend.ppo_step(trainer, queries, responses, rewards)
+            # 3. one PPO update against the adapters-off reference, undone if anything went non-finite
+            stats = None
+            if all_finite(rewards):
+                last_good = trl_backend.trainer_state(trainer)
+                stats = trl_backend.ppo_step(trainer, queries, responses, rewards)
+                if not trl_backend.step_is_finite(trainer, stats):
+                    trl_backend.load_trainer_state(trainer, last_good)
+                    stats = None
+            if stats is None:
+                skipped, bad_in_row = skipped + 1, bad_in_row + 1
+                console.print(f"[yellow]step {step + 1}: non-finite {'loss' if all_finite(rewards) else 'reward'}, "
+                              f"batch skipped and rolled back ({skipped} so far)")
+            else:
+                # 4. log: TRL's keys, plus the raw reward (TRL's ppo/mean_scores is after any scaling)
+                bad_in_row = 0
+                stats.update({
+                    "step": step + 1,
+                    "env/reward_mean": statistics.fmean(rewards),
+                    "env/reward_std": statistics.pstdev(rewards),
+                    "env/response_length": statistics.fmean(len(r) for r in responses),
+                    "env/skipped_batches": skipped,
+                    "time/rollout/generate": t1 - t0,
+                    "time/rollout/score": t2 - t1,
+                    "time/step": time.perf_counter() - t0,
+                })
+                append_jsonl(out / METRICS, stats)
+                records.append(stats)
+                display.update(step + 1, stats)
+                if run.sample_every and (step + 1) % run.sample_every == 0 and step + 1 < run.steps:
+                    sample_table(f"samples at step {step + 1}", query_texts, response_texts, rewards, run.sample_rows)
+                if recipe.eval.every and (step + 1) % recipe.eval.every == 0 and step + 1 < run.steps:
+                    evaluation["during"].append(held_out(step + 1))
+                    write_report(out, evaluation, records)
 
-            # 4. log: TRL's keys, plus the raw reward (TRL's ppo/mean_scores is after any scaling)
-            stats.update({
-                "step": step + 1,
-                "env/reward_mean": statistics.fmean(rewards),
-                "env/reward_std": statistics.pstdev(rewards),
-                "env/response_length": statistics.fmean(len(r) for r in responses),
-                "env/skipped_batches": skipped,
-                "time/rollout/generate": t1 - t0,
-                "time/rollout/score": t2 - t1,
-                "time/step": time.perf_counter() - t0,
-            })
-            append_jsonl(out / METRICS, stats)
-            records.append(stats)
-            display.update(step + 1, stats)
-            if run.sample_every and (step + 1) % run.sample_every == 0 and step + 1 < run.steps:
-                sample_table(f"samples at step {step + 1}", query_texts, response_texts, rewards, run.sample_rows)
-            if recipe.eval.every and (step + 1) % recipe.eval.every == 0 and step + 1 < run.steps:
-                evaluation["during"].append(held_out(step + 1))
-                write_report(out, evaluation, records)
+            # 5. checkpoint: periodically, at the end, and before stopping early
+            failing = bad_in_row >= run.max_bad_batches
+            if failing or stop.signal_name or (step + 1) % run.checkpoint_every == 0 or step + 1 == run.steps:
+                path = save_checkpoint(step + 1)
+            if failing:
+                raise RunStopped(f"{bad_in_row} batches in a row had non-finite rewards or losses (to step {step + 1}); "
+                                 f"the last good state is in {path}; check the reward, or lower ppo.learning_rate, "
+                                 "then resume", exit_code=1, checkpoint=path)
+            if stop.signal_name:
+                raise RunStopped(f"stopped by {stop.signal_name} after step {step + 1}; checkpoint written to {path}",
+                                 exit_code=stop.exit_code, checkpoint=path)
 
-    # 5. save the adapter, value head and tokenizer
     save_policy(policy, tokenizer, out / MODEL)
     if records:
         sample_table(f"samples at step {records[-1]['step']}", query_texts, response_texts, rewards, run.sample_rows)
@@ -114,3 +156,15 @@ def train(recipe: Recipe) -> TrainResult:
     write_report(out, evaluation, records)
     console.print(f"held-out evaluation: {summary_line(evaluation)}; see {out / 'report.md'}", soft_wrap=True)
     return TrainResult(output_dir=out, metrics=records, skipped=skipped, evaluation=evaluation)
+
+
+def _resume_point(out: Path, recipe: Recipe) -> checkpoint.Checkpoint | None:
+    """The checkpoint to resume from, after checking the recipe is the one the run used."""
+    if not (out / RECIPE).is_file():
+        console.print(f"--resume: nothing to resume in {out}; starting a new run")
+        return None
+    check_same_recipe(out, recipe)
+    saved = checkpoint.latest(out)
+    if saved is None:
+        console.print(f"--resume: the run in {out} has no checkpoint yet; starting it again from step 0")
+    return saved

@@ -5,6 +5,7 @@ touches only this file.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -58,3 +59,44 @@ def ppo_step(trainer: PPOTrainer, queries: list[torch.Tensor], responses: list[t
 def kl_coef(trainer: PPOTrainer) -> float:
     """The KL coefficient the next step will use (the adaptive controller's current value)."""
     return float(trainer.kl_ctl.value)
+
+
+def trainer_state(trainer: PPOTrainer) -> dict:
+    """A detached copy of everything PPO changes as it trains, to checkpoint or roll back to.
+
+    The trainable parameters (LoRA adapters, value head), the optimizer and any LR scheduler,
+    the KL controller's coefficient and TRL's running reward moments (used by
+    use_score_scaling). The frozen base is not included: it never changes.
+    """
+    running = trainer.running
+    return {
+        "params": {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad},
+        "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
+        "lr_scheduler": copy.deepcopy(trainer.lr_scheduler.state_dict()) if trainer.lr_scheduler else None,
+        "kl_coef": float(trainer.kl_ctl.value),
+        "running": {k: float(getattr(running, k)) for k in ("mean", "std", "var", "count")},
+    }
+
+
+def load_trainer_state(trainer: PPOTrainer, state: dict) -> None:
+    """Put `trainer` back into `state` (from trainer_state, or a checkpoint read from disk)."""
+    params = dict(trainer.model.named_parameters())
+    missing = sorted(set(n for n, p in params.items() if p.requires_grad) ^ set(state["params"]))
+    if missing:
+        raise ValueError(f"the saved trainable parameters do not match the policy (e.g. {missing[0]})")
+    with torch.no_grad():
+        for name, value in state["params"].items():
+            params[name].copy_(value)
+    trainer.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))  # loading may alias the tensors
+    if trainer.lr_scheduler is not None and state["lr_scheduler"] is not None:
+        trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    trainer.kl_ctl.value = state["kl_coef"]
+    for key, value in state["running"].items():
+        setattr(trainer.running, key, value)
+
+
+def step_is_finite(trainer: PPOTrainer, stats: dict[str, float]) -> bool:
+    """False if the step produced a non-finite loss or left a non-finite trainable parameter."""
+    if not all(np.isfinite(v) for k, v in stats.items() if k.startswith("ppo/loss/")):
+        return False
+    return all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters() if p.requires_grad)
