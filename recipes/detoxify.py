@@ -25,5 +25,6 @@ recipe = Recipe(
             adap_kl_ctrl=True, init_kl_coef=0.2, target=6.0, horizon=10000.0,
             gamma=1.0, lam=0.95, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1),
     eval=Eval(num_prompts=256, batch_size=64, seed=1234, every=0),
-    run=Run(output_dir="runs/detoxify", steps=300, seed=0, sample_every=20, sample_rows=4),
+    run=Run(output_dir="runs/detoxify", steps=300, seed=0, sample_every=20, sample_rows=4,
+            checkpoint_every=25, keep_checkpoints=2, max_bad_batches=3),
 )

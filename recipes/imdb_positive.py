@@ -27,5 +27,6 @@ recipe = Recipe(
             gamma=1.0, lam=0.95, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1),
     eval=Eval(num_prompts=256, batch_size=64, seed=1234, every=0),
     # ~24.9k long reviews / 128 per step: one pass over the training set
-    run=Run(output_dir="runs/imdb_positive", steps=190, seed=0, sample_every=10, sample_rows=4),
+    run=Run(output_dir="runs/imdb_positive", steps=190, seed=0, sample_every=10, sample_rows=4,
+            checkpoint_every=25, keep_checkpoints=2, max_bad_batches=3),
 )

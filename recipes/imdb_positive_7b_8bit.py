@@ -32,5 +32,7 @@ recipe = Recipe(
             gamma=1.0, lam=0.95, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1,
             gradient_checkpointing=True),
     eval=Eval(num_prompts=256, batch_size=32, seed=1234, every=0),
-    run=Run(output_dir="runs/imdb_positive_7b_8bit", steps=300, seed=0, sample_every=10, sample_rows=4),
+    # steps here take tens of seconds: checkpoint often so a pre-empted job loses little
+    run=Run(output_dir="runs/imdb_positive_7b_8bit", steps=300, seed=0, sample_every=10, sample_rows=4,
+            checkpoint_every=10, keep_checkpoints=2, max_bad_batches=3),
 )

@@ -114,10 +114,11 @@ def _split(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(obj, torch.Tensor):
         tensors[prefix] = obj.detach().cpu().contiguous()
         return {"__tensor__": prefix}
+    prefix = f"{prefix}/" if prefix else ""
     if isinstance(obj, dict):  # optimizer state is keyed by int: keep the key types
-        return {"__items__": [[k, _split(v, f"{prefix}/{k}", tensors)] for k, v in obj.items()]}
+        return {"__items__": [[k, _split(v, f"{prefix}{k}", tensors)] for k, v in obj.items()]}
     if isinstance(obj, (list, tuple)):
-        items = [_split(v, f"{prefix}/{i}", tensors) for i, v in enumerate(obj)]
+        items = [_split(v, f"{prefix}{i}", tensors) for i, v in enumerate(obj)]
         return {"__tuple__": items} if isinstance(obj, tuple) else items
     return obj
 

@@ -52,6 +52,8 @@ def _load_texts(cfg: Prompts) -> list[str]:
     if files and builder is None:
         raise RecipeError(f"prompts.dataset {cfg.dataset!r}: unsupported file type; "
                           f"use {', '.join(_BUILDERS)} files or a Hub dataset id")
+    if files and all(Path(m).stat().st_size == 0 for m in matches):
+        raise RecipeError(f"prompts.dataset {cfg.dataset!r} is empty; give a file with prompts in it")
     try:
         if files:
             ds = load_dataset(builder, data_files=matches, split="train")
@@ -63,6 +65,8 @@ def _load_texts(cfg: Prompts) -> list[str]:
     except (FileNotFoundError, ConnectionError, OSError) as err:
         if matches:
             raise RecipeError(f"prompts.dataset {cfg.dataset!r} does not load: {first_line(err)}") from None
+        if cfg.dataset.startswith((".", "/", "~")) or Path(cfg.dataset).suffix in _BUILDERS:
+            raise RecipeError(f"prompts.dataset: local file {cfg.dataset!r} does not exist; fix the path") from None
         raise RecipeError(describe_missing("prompts.dataset", cfg.dataset)) from None
     except ValueError as err:  # e.g. a split that does not exist
         raise RecipeError(f"prompts: {first_line(err)}; check prompts.split and prompts.subset") from None

@@ -27,13 +27,24 @@ def load_pretrained(key: str, loader: Callable[..., Any], name: str, **kwargs: A
         try:
             return loader(str(path), **kwargs)
         except (OSError, ValueError) as err:  # ValueError: e.g. a classifier where a causal LM belongs
-            raise RecipeError(f"{key}: {name!r} exists but does not load: {first_line(err)}") from None
+            raise RecipeError(f"{key}: {name!r} exists but does not load: {_explain(err)}") from None
     if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not an org/name Hub id
         raise RecipeError(f"{key}: local path {name!r} does not exist; fix the path or give a Hub id")
     try:
         return loader(name, **kwargs)
     except OSError:
         raise RecipeError(describe_missing(key, name)) from None
+
+
+def _explain(err: BaseException) -> str:
+    """The loader's first line, with our safety rules spelled out where one of them refused."""
+    text = first_line(err)
+    if "custom code" in text:
+        return text + " It runs only if the recipe sets policy.trust_remote_code=true (for code you trust)"
+    if "pytorch checkpoint" in text:  # transformers reads .bin files with torch.load(weights_only=True)
+        return ("its pickled weights (.bin) hold more than tensors, and pickled code is never run; "
+                "use a safetensors copy of the model")
+    return text
 
 
 def first_line(err: BaseException) -> str:

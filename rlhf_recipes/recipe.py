@@ -9,12 +9,15 @@ import dataclasses
 import importlib
 import importlib.util
 import pkgutil
+import re
 import sys
+import traceback
 import typing
 from pathlib import Path
 from typing import Any, Literal, Union
 
 from .config import SECTIONS, Recipe, RecipeError, conforms, type_name
+from .loading import first_line
 
 
 def shipped_recipes() -> list[str]:
@@ -40,8 +43,17 @@ def load_recipe(path_or_name: str | Path) -> Recipe:
         sys.modules[name] = module  # dataclasses and pickling look modules up by name
         try:
             spec.loader.exec_module(module)
-        except (RecipeError, TypeError) as err:  # TypeError: a misspelled or missing section field
+        except RecipeError as err:
             raise RecipeError(f"{text}: {err}") from None
+        except TypeError as err:  # most often a misspelled or missing section field
+            raise RecipeError(f"{text}: {_explain(err)}") from None
+        except SyntaxError as err:
+            raise RecipeError(f"{text}: syntax error at line {err.lineno}: {err.msg}; fix the recipe file") from None
+        except Exception as err:  # the recipe's own code failed: say where, in one line
+            frames = traceback.extract_tb(err.__traceback__)
+            lines = [f.lineno for f in frames if Path(f.filename).resolve() == path.resolve()]
+            where = f" line {lines[-1]}" if lines else ""
+            raise RecipeError(f"{text}{where}: {type(err).__name__}: {first_line(err)}; fix the recipe file") from None
     elif text in shipped_recipes():
         module = importlib.import_module(f"rlhf_recipes.recipes.{text}")
     else:
@@ -52,6 +64,16 @@ def load_recipe(path_or_name: str | Path) -> Recipe:
         raise RecipeError(f"{text} must define a module-level `recipe = Recipe(...)`, "
                           f"found {type(recipe).__name__ if recipe is not None else 'none'}")
     return recipe
+
+
+def _explain(err: TypeError) -> str:
+    """A dataclass's TypeError, with the fields the section does have."""
+    found = re.match(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(err))
+    section = next((s for s in SECTIONS.values() if found and s.__name__ == found[1]), None)
+    if section is None:
+        return f"{first_line(err)}; fix the recipe file"
+    names = [f.name for f in dataclasses.fields(section)]
+    return f"{section.section}.{found[2]} is not a field of {found[1]}; its fields: {', '.join(names)}"
 
 
 def valid_keys() -> list[str]:

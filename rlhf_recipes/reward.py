@@ -11,7 +11,7 @@ import numbers
 from typing import Callable, Sequence
 
 import torch
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from .config import RecipeError, Reward
 from .loading import load_pretrained
@@ -53,12 +53,13 @@ def check_rewards(values: object, count: int, source: str) -> list[float]:
     try:
         items = list(values.tolist() if hasattr(values, "tolist") else values)  # type: ignore[union-attr]
     except TypeError:
-        raise RecipeError(f"{source} must return a list of numbers, got {type(values).__name__}") from None
+        raise RecipeError(f"{source} must return a list of numbers, one per text, got {type(values).__name__}") from None
     if len(items) != count:
         raise RecipeError(f"{source} returned {len(items)} rewards for {count} texts; return one number per text")
     bad = [v for v in items if not isinstance(v, numbers.Real) or isinstance(v, bool)]
     if bad:
-        raise RecipeError(f"{source} must return numbers, got {bad[0]!r} ({type(bad[0]).__name__})")
+        raise RecipeError(f"{source} must return numbers, got {repr(bad[0])[:60]} ({type(bad[0]).__name__}); "
+                          "return one float per text")
     return [float(v) for v in items]
 
 
@@ -69,7 +70,13 @@ class ClassifierReward:
         self.cfg, self.device = cfg, device
         self.tokenizer = load_tokenizer("reward.model", cfg.model)
         self.tokenizer.padding_side = "right"
-        self.model = load_pretrained("reward.model", AutoModelForSequenceClassification.from_pretrained, cfg.model)
+        config = load_pretrained("reward.model", AutoConfig.from_pretrained, cfg.model)
+        kinds = config.architectures or []
+        if kinds and not any(k.endswith("ForSequenceClassification") for k in kinds):  # else a random head
+            raise RecipeError(f"reward.model {cfg.model!r} is a {kinds[0]}, not a text classifier; give a "
+                              "...ForSequenceClassification model, or a Python callable as reward.function")
+        self.model = load_pretrained("reward.model", AutoModelForSequenceClassification.from_pretrained, cfg.model,
+                                     config=config)
         self.model.to(device).eval().requires_grad_(False)
         if self.model.config.pad_token_id is None:  # GPT-style classifiers find the last token by padding
             self.model.config.pad_token_id = self.tokenizer.pad_token_id

@@ -1,5 +1,5 @@
 """End to end through the real CLI: each shipped recipe, pointed at tiny local models, trains
-two PPO steps in fp32, 8-bit and 4-bit; bad input exits 2 with one line and writes nothing."""
+two PPO steps in fp32, 8-bit and 4-bit; an existing run is never clobbered."""
 import json
 import os
 import subprocess
@@ -60,8 +60,8 @@ def test_saved_adapter_loads_with_peft_after_a_run(tiny_dir, tmp_path):
         assert not torch.allclose(tuned(input_ids=ids).logits, ref)
 
 
-def run_cli(*args, cwd=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def run_cli(*args, cwd=None, env=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "rlhf_recipes.run", *args], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=300)
 
@@ -69,8 +69,12 @@ def run_cli(*args, cwd=None):
 @pytest.mark.slow
 def test_python_dash_m_runs_a_recipe(tiny_dir, tmp_path):
     out = tmp_path / "run"
-    done = run_cli("imdb_positive", *local_overrides("imdb_positive", tiny_dir), *SMALL, f"run.output_dir={out}")
+    secret = "hf_" + "Zq7" * 12  # a token in the environment must not reach any log or file
+    done = run_cli("imdb_positive", *local_overrides("imdb_positive", tiny_dir), *SMALL, f"run.output_dir={out}",
+                   env={"HF_TOKEN": secret})
     assert done.returncode == 0, done.stderr
+    assert secret not in done.stdout + done.stderr
+    assert not [p for p in out.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     assert "step 2/2" in done.stdout and len(read_metrics(out)) == 2
     noise = [line for line in done.stderr.splitlines() if "Warning" in line or "deprecated" in line]
     assert not noise, noise  # TRL, PEFT and bitsandbytes chatter is silenced
@@ -79,27 +83,6 @@ def test_python_dash_m_runs_a_recipe(tiny_dir, tmp_path):
 def test_help_lists_the_shipped_recipes():
     done = run_cli("--help")
     assert done.returncode == 0 and all(name in done.stdout for name in shipped_recipes())
-
-
-@pytest.mark.parametrize("args, message", [
-    (["no_such_recipe"], "no recipe file or shipped recipe named 'no_such_recipe'"),
-    (["imdb_positive", "ppo.lr=1"], "unknown override key 'ppo.lr'; valid keys: ppo.learning_rate"),
-    (["imdb_positive", "ppo.batch_size=abc"], "ppo.batch_size expects int, got 'abc'"),
-    (["imdb_positive", "ppo.batch_size=10"], "ppo.batch_size must be a multiple of"),
-    (["imdb_positive", "policy.model=/no/such/dir"], "policy.model: local path '/no/such/dir' does not exist"),
-    (["imdb_positive", "reward.label=HAPPY"], "reward.label 'HAPPY' is not a label of the classifier"),
-    (["imdb_positive", "prompts.text_column=review"], "prompts.text_column 'review' is not in"),
-    ([], "the following arguments are required: recipe"),
-])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, message, tiny_dir, tmp_path):
-    out = tmp_path / "run"
-    local = local_overrides("imdb_positive", tiny_dir) if args else []
-    overridden = {a.split("=")[0] for a in args[1:]}
-    local = [a for a in local if a.split("=")[0] not in overridden]
-    done = run_cli(*(args[:1] + local + SMALL + args[1:] + [f"run.output_dir={out}"] if args else []))
-    assert done.returncode == 2
-    assert done.stderr.strip().count("\n") == 0 and message in done.stderr, done.stderr
-    assert "Traceback" not in done.stderr and not out.exists()
 
 
 def test_a_non_empty_output_dir_is_refused_and_kept(tiny_dir, tmp_path):
