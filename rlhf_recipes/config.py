@@ -8,100 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
-
-class RecipeError(ValueError):
-    """A recipe, override or input the user can fix. The CLI prints it on one line and exits 2."""
-
-
-# ---------------------------------------------------------------------------- types
-def type_name(tp: Any) -> str:
-    """How a field's type reads in an error message."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        return " or ".join(type_name(a) for a in args)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin is tuple:
-        return f"a comma-separated list of {type_name(args[0])}"
-    if origin is Callable or tp is Callable:
-        return "a callable or 'module:function'"
-    if tp is type(None):
-        return "none"
-    if tp is bool:
-        return "true/false"
-    return getattr(tp, "__name__", str(tp))
-
-
-def conforms(value: Any, tp: Any) -> bool:
-    """Whether `value` is of the annotated type (bool is not an int, an int is a float)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return True
-    if origin in (Union, types.UnionType):
-        return any(conforms(value, a) for a in args)
-    if origin is Literal:
-        return value in args
-    if origin is tuple:
-        return isinstance(value, tuple) and all(conforms(v, args[0]) for v in value)
-    if origin is Callable or tp is Callable:
-        return callable(value)
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, tp)
-
-
-def _wants_float(tp: Any) -> bool:
-    return tp is float or (float in typing.get_args(tp) and int not in typing.get_args(tp))
-
-
-class Section:
-    """Base of every recipe section: type-checks each field, then runs `check()`."""
-
-    def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, list):  # recipes may write lists where tuples are meant
-                value = tuple(value)
-                object.__setattr__(self, f.name, value)
-            if not conforms(value, hints[f.name]):
-                raise RecipeError(
-                    f"{self.key(f.name)} must be {type_name(hints[f.name])}, got {value!r}"
-                )
-            if type(value) is int and _wants_float(hints[f.name]):
-                object.__setattr__(self, f.name, float(value))  # so 1 and 1.0 print and save alike
-        self.check()
-
-    section: typing.ClassVar[str] = ""
-
-    def key(self, name: str) -> str:
-        return f"{self.section}.{name}"
-
-    def require(self, ok: bool, name: str, what: str) -> None:
-        """Raise a RecipeError naming the field unless `ok`."""
-        if not ok:
-            raise RecipeError(f"{self.key(name)} {what}, got {getattr(self, name)!r}")
-
-    def check(self) -> None:
-        """Section-specific rules; the default has none."""
-
-
-def _positive(section: Section, *names: str) -> None:
-    for name in names:
-        value = getattr(section, name)
-        section.require(value is None or (value > 0 and math.isfinite(value)), name, "must be > 0")
+from .config_stages import SFT, RewardModel
+from .section import RecipeError, Section, _positive, conforms, type_name  # noqa: F401 (re-exported)
 
 
 # ---------------------------------------------------------------------------- sections
@@ -161,12 +74,9 @@ class Reward(Section):
     """Truncate texts to this many classifier tokens; none means the classifier's own limit."""
 
     def check(self) -> None:
-        has_model, has_fn = bool(self.model.strip()), self.function is not None
-        if has_model == has_fn:
-            raise RecipeError(
-                "reward needs exactly one of reward.model (a classifier) or reward.function "
-                f"(a callable), got model={self.model!r}, function={self.function!r}"
-            )
+        if self.model.strip() and self.function is not None:
+            raise RecipeError("reward takes reward.model (a classifier) or reward.function (a callable), "
+                              f"not both; got model={self.model!r}, function={self.function!r}")
         self.require(self.scale != 0 and math.isfinite(self.scale), "scale", "must be a finite non-zero number")
         _positive(self, "batch_size", "max_length")
         if isinstance(self.function, str):
@@ -294,11 +204,16 @@ class Eval(Section):
     seed: int = 1234
     every: int = 0
     """Also evaluate every N PPO steps; 0 means only before and after training."""
+    judge: Union[str, Callable, None] = None
+    """A yes/no check of each response text (e.g. 'is it positive?'), a callable or
+    'module:function'; evaluation reports the share of responses that pass."""
 
     def check(self) -> None:
         _positive(self, "num_prompts", "batch_size")
         self.require(self.every >= 0, "every", "must be >= 0")
         self.require(0 <= self.seed < 2 ** 32, "seed", "must be in [0, 2**32)")
+        if isinstance(self.judge, str):
+            self.require(":" in self.judge, "judge", "must look like 'package.module:function'")
 
 
 @dataclass(frozen=True)
@@ -330,7 +245,10 @@ class Run(Section):
         self.require(self.sample_every >= 0, "sample_every", "must be >= 0")
 
 
-SECTIONS: dict[str, type] = {c.section: c for c in (Policy, Reward, Prompts, Generation, PPO, Eval, Run)}
+SECTIONS: dict[str, type] = {c.section: c for c in (Policy, Reward, Prompts, Generation, PPO, Eval, Run,
+                                                     SFT, RewardModel)}
+STAGES = ("sft", "reward_model")
+"""Optional sections: stages that run, in this order, before PPO."""
 
 
 @dataclass(frozen=True)
@@ -345,19 +263,28 @@ class Recipe:
     ppo: PPO
     run: Run
     eval: Eval = field(default_factory=Eval)
+    sft: Optional[SFT] = None
+    reward_model: Optional[RewardModel] = None
 
     def __post_init__(self) -> None:
         for name, cls in SECTIONS.items():
-            if not isinstance(getattr(self, name), cls):
-                raise RecipeError(f"recipe.{name} must be a {cls.__name__}(...) section, "
-                                  f"got {type(getattr(self, name)).__name__}")
+            value = getattr(self, name)
+            if not isinstance(value, cls) and not (value is None and name in STAGES):
+                raise RecipeError(f"recipe.{name} must be a {cls.__name__}(...) section, got {type(value).__name__}")
+        given = [k for k in ("model", "function") if getattr(self.reward, k) not in ("", None)]
+        if self.reward_model is not None and given:
+            raise RecipeError(f"reward.{given[0]} must be unset: the reward_model stage provides the reward")
+        if self.reward_model is None and not given:
+            raise RecipeError("reward needs reward.model (a classifier) or reward.function (a callable), "
+                              "or a reward_model stage in the recipe")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict; callables become 'module:qualname' strings."""
         out: dict[str, Any] = {"name": self.name}
         for name in SECTIONS:
-            out[name] = {f.name: _plain(getattr(getattr(self, name), f.name))
-                         for f in dataclasses.fields(getattr(self, name))}
+            section = getattr(self, name)
+            out[name] = None if section is None else {
+                f.name: _plain(getattr(section, f.name)) for f in dataclasses.fields(section)}
         return out
 
 

@@ -30,57 +30,66 @@ class PromptSet:
 
 
 def load_texts(cfg: Prompts) -> list[str]:
-    """The text column of the dataset, after the recipe's filter."""
+    """The text column of the prompt dataset, after the recipe's filter."""
+    rows = load_columns("prompts", cfg.dataset, cfg.split, cfg.subset, {"text_column": cfg.text_column}, cfg.filter)
+    return [text for (text,) in rows]
+
+
+def load_columns(section: str, dataset: str, split: str, subset: str | None, columns: dict[str, str],
+                 keep: Any = None) -> list[tuple[str, ...]]:
+    """Rows of the named text columns ({field: column path}) of a dataset, after the filter `keep`.
+
+    Rows where any of them is not a non-empty string are dropped. Errors name `section`'s fields.
+    """
     from datasets import disable_progress_bars, enable_progress_bars, is_progress_bar_enabled
 
     shown = is_progress_bar_enabled()
     disable_progress_bars()  # a bar per split and per filter, for a few seconds of work
     try:
-        return _load_texts(cfg)
+        ds = _load_dataset(section, dataset, split, subset)
+        for name, path in columns.items():
+            if path.split(".")[0] not in ds.column_names:
+                raise RecipeError(f"{section}.{name} {path!r} is not in {dataset!r}; "
+                                  f"its columns: {', '.join(ds.column_names)}")
+        if keep is not None:
+            ds = ds.filter(resolve_callable(keep, f"{section}.filter"), load_from_cache_file=False)
+        else:
+            ds = ds.select_columns(sorted({path.split(".")[0] for path in columns.values()}))
+        rows = [tuple(_field(row, path) for path in columns.values()) for row in ds]
     finally:
         if shown:
             enable_progress_bars()
+    return [r for r in rows if all(isinstance(v, str) and v.strip() for v in r)]
 
 
-def _load_texts(cfg: Prompts) -> list[str]:
-    from datasets import load_dataset  # heavy: imported only when prompts are loaded
+def _load_dataset(section: str, dataset: str, split: str, subset: str | None):
+    from datasets import load_dataset  # heavy: imported only when data is loaded
     from datasets.exceptions import DatasetGenerationError
 
-    matches = sorted(glob.glob(str(Path(cfg.dataset).expanduser())))
+    key = f"{section}.dataset"
+    matches = sorted(glob.glob(str(Path(dataset).expanduser())))
     files = bool(matches) and Path(matches[0]).is_file()
     builder = _BUILDERS.get(Path(matches[0]).suffix) if files else None
     if files and builder is None:
-        raise RecipeError(f"prompts.dataset {cfg.dataset!r}: unsupported file type; "
+        raise RecipeError(f"{key} {dataset!r}: unsupported file type; "
                           f"use {', '.join(_BUILDERS)} files or a Hub dataset id")
     if files and all(Path(m).stat().st_size == 0 for m in matches):
-        raise RecipeError(f"prompts.dataset {cfg.dataset!r} is empty; give a file with prompts in it")
+        raise RecipeError(f"{key} {dataset!r} is empty; give a file with data in it")
     try:
         if files:
-            ds = load_dataset(builder, data_files=matches, split="train")
-        else:
-            ds = load_dataset(matches[0] if matches else cfg.dataset, cfg.subset, split=cfg.split)
+            return load_dataset(builder, data_files=matches, split="train")
+        return load_dataset(matches[0] if matches else dataset, subset, split=split)
     except DatasetGenerationError as err:
-        raise RecipeError(f"prompts.dataset {cfg.dataset!r} cannot be parsed: {first_line(err.__cause__ or err)}; "
+        raise RecipeError(f"{key} {dataset!r} cannot be parsed: {first_line(err.__cause__ or err)}; "
                           "fix the file") from None
     except (FileNotFoundError, ConnectionError, OSError) as err:
         if matches:
-            raise RecipeError(f"prompts.dataset {cfg.dataset!r} does not load: {first_line(err)}") from None
-        if cfg.dataset.startswith((".", "/", "~")) or Path(cfg.dataset).suffix in _BUILDERS:
-            raise RecipeError(f"prompts.dataset: local file {cfg.dataset!r} does not exist; fix the path") from None
-        raise RecipeError(describe_missing("prompts.dataset", cfg.dataset)) from None
+            raise RecipeError(f"{key} {dataset!r} does not load: {first_line(err)}") from None
+        if dataset.startswith((".", "/", "~")) or Path(dataset).suffix in _BUILDERS:
+            raise RecipeError(f"{key}: local file {dataset!r} does not exist; fix the path") from None
+        raise RecipeError(describe_missing(key, dataset)) from None
     except ValueError as err:  # e.g. a split that does not exist
-        raise RecipeError(f"prompts: {first_line(err)}; check prompts.split and prompts.subset") from None
-    top = cfg.text_column.split(".")[0]
-    if top not in ds.column_names:
-        raise RecipeError(f"prompts.text_column {cfg.text_column!r} is not in {cfg.dataset!r}; "
-                          f"its columns: {', '.join(ds.column_names)}")
-    if cfg.filter is not None:
-        keep = resolve_callable(cfg.filter, "prompts.filter")
-        ds = ds.filter(keep, load_from_cache_file=False)
-    else:
-        ds = ds.select_columns([top])
-    texts = [_field(row, cfg.text_column) for row in ds]
-    return [t for t in texts if isinstance(t, str) and t.strip()]
+        raise RecipeError(f"{section}: {first_line(err)}; check {section}.split and {section}.subset") from None
 
 
 def _field(row: dict[str, Any], path: str) -> Any:

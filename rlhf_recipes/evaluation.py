@@ -22,10 +22,11 @@ import numpy as np
 import torch
 from accelerate import PartialState
 
+from . import stages
 from .config import SECTIONS, Recipe, RecipeError
 from .metrics import distinct_n, masked_mean, sequence_kl, summarize, token_entropy, token_logprobs, win_rate
 from .policy import build_policy, load_tokenizer
-from .recipe import apply_overrides
+from .recipe import apply_overrides, resolve_callable
 from .report import summary_line, write_report
 from .reward import build_reward, reward_inputs
 from .rollout import decode_pairs, generate, pad_batch
@@ -82,6 +83,7 @@ def _evaluate(model, tokenizer, reward_fn, queries, recipe, device, step, check_
     lengths = np.random.default_rng(ev.seed).integers(
         gen.response_min_tokens, gen.response_max_tokens + 1, size=len(queries)).tolist()
     gen = dataclasses.replace(gen, batch_size=ev.batch_size)
+    judge = resolve_callable(ev.judge, "eval.judge") if ev.judge is not None else None
     sides = {}
     for side, adapters in (("reference", model.pretrained_model.disable_adapter()), ("policy", contextlib.nullcontext())):
         torch.manual_seed(ev.seed)  # same seed for both: identical models give identical samples
@@ -94,6 +96,8 @@ def _evaluate(model, tokenizer, reward_fn, queries, recipe, device, step, check_
                        "length": np.asarray([len(t) for t in tokens], dtype=float),
                        "distinct_1": np.asarray([distinct_n([t], 1) for t in tokens]),
                        "distinct_2": np.asarray([distinct_n([t], 2) for t in tokens])}
+        if judge is not None:
+            sides[side]["judged"] = np.asarray([float(bool(judge(t))) for t in texts])
         kl, ent, ref_ent = score_responses(model, queries, responses, tokenizer.pad_token_id, device, ev.batch_size)
         sides[side]["entropy"] = ent if side == "policy" else ref_ent
         if side == "policy":
@@ -101,11 +105,12 @@ def _evaluate(model, tokenizer, reward_fn, queries, recipe, device, step, check_
     model.train(was_training)
 
     ref, pol = sides["reference"], sides["policy"]
-    keys = ("reward", "kl", "length", "distinct_1", "distinct_2", "entropy")
+    keys = ("reward", "kl", "length", "distinct_1", "distinct_2", "entropy", "judged")
     record = {
         "step": step, "num_prompts": len(queries),
         "reference": {k: summarize(ref[k]) for k in keys if k in ref},
-        "policy": {k: summarize(pol[k]) for k in keys},
+        "policy": {k: summarize(pol[k]) for k in keys if k in pol},
+        "judge": getattr(judge, "__name__", str(ev.judge)) if judge is not None else None,
         "reward_improvement": summarize(pol["reward"] - ref["reward"]),
         "win_rate": win_rate(pol["reward"], ref["reward"]),
         "corpus_distinct": {s: {f"distinct_{n}": distinct_n(sides[s]["tokens"], n) for n in (1, 2)} for s in sides},
@@ -132,6 +137,8 @@ def recipe_from_dict(data: dict) -> Recipe:
     strings; the prompt filter is dropped (a saved run keeps its held-out prompts)."""
     sections = {}
     for name, cls in SECTIONS.items():
+        if data.get(name) is None:  # a stage the recipe does not have
+            continue
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in data[name].items()}
         if name == "prompts":
             fields["filter"] = None
@@ -147,6 +154,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
             raise RecipeError(f"{str(out)!r} is not a finished run: {needed} is missing; give a run's output_dir")
     recipe = apply_overrides(recipe_from_dict(json.loads((out / RECIPE).read_text())), overrides or [])
     device = PartialState().device
+    recipe = stages.prepare(recipe, out, device, train=False)  # the SFT and reward models it trained with
     tokenizer = load_tokenizer("policy.model", str(out / MODEL))
     queries = read_heldout(out)
     reward_fn = build_reward(recipe.reward, device)

@@ -64,11 +64,18 @@ def build_policy(cfg: Policy, device: torch.device):
                 # bitsandbytes repacks 4-bit weights for inference on AVX512-BF16 CPUs inside
                 # generate(), after which backward through them fails
                 module.support_avx512bf16_for_cpu = False
+    adapted = add_lora(base, cfg)
+    model = trl_backend.with_value_head(adapted)
+    return model if quant else model.to(device)
+
+
+def add_lora(base, cfg: Policy):
+    """`base` wrapped by PEFT with the recipe's LoRA adapters (which start at zero)."""
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.lora_target_modules) if cfg.lora_target_modules else None,
                       task_type="CAUSAL_LM")
     try:
-        adapted = get_peft_model(base, lora)
+        return get_peft_model(base, lora)
     except ValueError as err:
         if "target_modules" not in str(err) and "Target modules" not in str(err):
             raise
@@ -76,8 +83,6 @@ def build_policy(cfg: Policy, device: torch.device):
         wanted = ",".join(cfg.lora_target_modules) if cfg.lora_target_modules else "PEFT's default"
         raise RecipeError(f"policy.lora_target_modules ({wanted}) matches no module of {cfg.model!r}; "
                           f"its linear modules are: {', '.join(names)}") from None
-    model = trl_backend.with_value_head(adapted)
-    return model if quant else model.to(device)
 
 
 def _is_linear(module: torch.nn.Module) -> bool:

@@ -15,6 +15,10 @@ _WARNINGS = [  # (message regex, category, module regex)
     (r"No dataset is provided", UserWarning, r"trl\."),  # we feed batches ourselves
     (r"fan_in_fan_out is set to False but the target module is `Conv1D`", UserWarning, r"peft\."),
     (r"`torch\.jit\.script_method` is deprecated", DeprecationWarning, r"torch\."),
+    # TRL 0.11.4's SFT and reward trainers pass `tokenizer=` on to transformers, which renamed it
+    (r"`tokenizer` is deprecated and will be removed in version 5\.0\.0", FutureWarning, r"trl\."),
+    # TRL's reward collator pads to the longest pair with a max_length it does not need
+    (r"`max_length` is ignored when `padding`=`True`", UserWarning, r"transformers\."),
 ]
 _LOG_MESSAGES = {  # logger name -> substrings of records to drop
     "transformers.tokenization_utils_base": ["Please note that with a fast tokenizer"],

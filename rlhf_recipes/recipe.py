@@ -98,6 +98,10 @@ def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
             raise RecipeError(f"unknown override key {key!r}; valid keys: {keys}")
         tp = typing.get_type_hints(SECTIONS[section])[name]
         changes.setdefault(section, {})[name] = parse_value(text.strip(), tp, key)
+    absent = [s for s in changes if getattr(recipe, s) is None]
+    if absent:
+        raise RecipeError(f"{absent[0]}.{next(iter(changes[absent[0]]))}: recipe {recipe.name!r} has no "
+                          f"{absent[0]} stage; add one to the recipe file to configure it")
     updated = {s: dataclasses.replace(getattr(recipe, s), **kw) for s, kw in changes.items()}
     return dataclasses.replace(recipe, **updated)
 

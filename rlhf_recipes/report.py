@@ -18,12 +18,22 @@ def _cell(stat: dict | None) -> str:
     return f"{stat['mean']:.3f} ± {(hi - lo) / 2:.3f}" if math.isfinite(lo) else f"{stat['mean']:.3f}"
 
 
+def reward_gain(result: dict) -> float:
+    """How far the mean reward moved during training, in reference standard deviations."""
+    b, a = result["before"], result["after"]
+    std = a["reference"]["reward"]["std"]
+    return (a["policy"]["reward"]["mean"] - b["policy"]["reward"]["mean"]) / std if std > 0 else math.nan
+
+
 def summary_line(result: dict) -> str:
-    """One line: reward before -> after with the paired improvement, KL and win rate."""
+    """One line: reward before -> after with the paired improvement, KL, win rate and any judge."""
     b, a = result["before"], result["after"]
     imp = a["reward_improvement"]
+    judged = (f"{a['judge']} {b['policy']['judged']['mean']:.0%} -> {a['policy']['judged']['mean']:.0%} | "
+              if a.get("judge") else "")
     return (f"reward {b['policy']['reward']['mean']:.3f} -> {a['policy']['reward']['mean']:.3f} "
-            f"(improvement {imp['mean']:+.3f}, 95% CI {imp['ci95'][0]:+.3f}..{imp['ci95'][1]:+.3f}) | "
+            f"({reward_gain(result):+.1f} ref std; improvement {imp['mean']:+.3f}, "
+            f"95% CI {imp['ci95'][0]:+.3f}..{imp['ci95'][1]:+.3f}) | {judged}"
             f"KL {a['policy']['kl']['mean']:.3f} | win rate {a['win_rate']['mean']:.2f} | "
             f"{a['num_prompts']} held-out prompts")
 
@@ -35,7 +45,8 @@ def markdown(result: dict) -> str:
              "frozen reference (the same model, adapters off), sampling with the same seed. "
              "Cells are mean ± the half-width of a 95% confidence interval.", "",
              "| metric | reference | policy before | policy after | change |", "|---|---|---|---|---|"]
-    for key, label in ROWS:
+    rows = ROWS + ([("judged", f"share judged {a['judge']}")] if a.get("judge") else [])
+    for key, label in rows:
         before, after = b["policy"].get(key), a["policy"].get(key)
         change = f"{after['mean'] - before['mean']:+.3f}" if before and after else "-"
         lines.append(f"| {label} | {_cell(a['reference'].get(key))} | {_cell(before)} | {_cell(after)} | {change} |")

@@ -32,6 +32,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="path to a recipe .py file, or a shipped recipe name")
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="change any field of the recipe")
     p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit, loading no model")
+    p.add_argument("--stage", choices=["sft", "reward_model"],
+                   help="run the recipe's stages up to this one (reusing cached outputs), then stop before PPO")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in run.output_dir from its newest checkpoint (same recipe and overrides)")
     return p
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(json.dumps(recipe.to_dict(), indent=2))
             return 0
+        if args.stage:
+            return _run_stages(recipe, args.stage)
         from .train import train  # heavy imports only when training
 
         train(recipe, resume=args.resume)
@@ -57,6 +61,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: interrupted; the newest checkpoint, if any, resumes with: {resume_command(argv)}",
               file=sys.stderr)
         return 130
+    return 0
+
+
+def _run_stages(recipe, until: str) -> int:
+    from pathlib import Path
+
+    from accelerate import PartialState
+
+    from .stages import prepare
+
+    from .rundir import check_output_dir
+
+    if getattr(recipe, until) is None:
+        raise RecipeError(f"--stage {until}: recipe {recipe.name!r} has no {until} stage")
+    check_output_dir(Path(recipe.run.output_dir), overwrite=False, resume=True)  # a run's directory is fine
+    prepare(recipe, Path(recipe.run.output_dir), PartialState().device, until=until)
     return 0
 
 

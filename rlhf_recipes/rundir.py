@@ -7,6 +7,7 @@
     OUTPUT_DIR/eval.json       evaluation before, during and after training (rlhf_recipes.evaluation)
     OUTPUT_DIR/report.md       the before/after table and samples, with training.png and reward_hist.png
     OUTPUT_DIR/checkpoints/    the newest checkpoints, to resume from (rlhf_recipes.checkpoint)
+    OUTPUT_DIR/stages/         SFT and reward-model outputs, reused while their inputs are unchanged (rlhf_recipes.stages)
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from .config import Recipe, RecipeError
 
 RECIPE, METRICS, MODEL, VALUE_HEAD = "recipe.json", "metrics.jsonl", "model", "value_head.safetensors"
-HELDOUT, EVAL, REPORT = "heldout.jsonl", "eval.json", "report.md"
+HELDOUT, EVAL, REPORT, STAGES = "heldout.jsonl", "eval.json", "report.md", "stages"
 
 
 def check_output_dir(out: Path, overwrite: bool, resume: bool = False) -> None:
@@ -31,7 +32,7 @@ def check_output_dir(out: Path, overwrite: bool, resume: bool = False) -> None:
         raise RecipeError("run.overwrite=true and --resume contradict each other; drop one")
     if out.exists() and not out.is_dir():
         raise RecipeError(f"run.output_dir {str(out)!r} is a file; choose a directory")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name != STAGES for p in out.iterdir()):  # stages/ alone is a cache
         if not (overwrite or resume):
             raise RecipeError(f"run.output_dir {str(out)!r} is not empty; choose another directory, "
                               "pass --resume to continue the run in it, or run.overwrite=true to replace it")
@@ -65,9 +66,12 @@ def _dotted(recipe: dict) -> dict:
 
 
 def start_output_dir(out: Path, recipe: Recipe, replace: bool) -> None:
-    """Create the run directory (emptied first if `replace` and it holds a run) and record the recipe."""
+    """Create the run directory (emptied first if `replace` and it holds a run; the stages'
+    outputs stay, to be reused while their inputs are unchanged) and record the recipe."""
     if replace and (out / RECIPE).is_file():
-        shutil.rmtree(out)
+        for old in out.iterdir():
+            if old.name != STAGES:
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
     out.mkdir(parents=True, exist_ok=True)
     (out / RECIPE).write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
 

@@ -15,7 +15,7 @@ from accelerate import PartialState
 from rich.markup import escape
 from transformers import set_seed
 
-from . import checkpoint, trl_backend
+from . import checkpoint, stages, trl_backend
 from .config import Recipe, RecipeError
 from .console import StepDisplay, append_jsonl, console, sample_table
 from .data import batch_indices, load_prompts
@@ -50,11 +50,12 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     out = Path(run.output_dir)
     check_output_dir(out, run.overwrite, resume)  # before minutes of loading, and before writing anything
     saved = _resume_point(out, recipe) if resume else None
-    set_seed(run.seed)
     device = PartialState().device  # this process's accelerator if it has one, else the CPU
 
     tokenizer = load_tokenizer("policy.model", recipe.policy.model, recipe.policy.trust_remote_code)
     prompts = load_prompts(recipe.prompts, tokenizer, recipe.eval.num_prompts, run.seed)
+    given, recipe = recipe, stages.prepare(recipe, out, device)  # SFT and reward model, trained or reused
+    set_seed(run.seed)  # after the stages, so a run that reuses them samples exactly as one that trained them
     reward_fn = build_reward(recipe.reward, device)
     policy = build_policy(recipe.policy, device)
     trainer = trl_backend.make_trainer(recipe, policy, tokenizer)
@@ -63,7 +64,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     if saved is None:
         evaluation = {"recipe": recipe.name, "before": held_out(0, check=True), "during": [], "after": None}
         # only now: a failing reward or sanity check leaves an old run whole
-        start_output_dir(out, recipe, replace=run.overwrite or resume)
+        start_output_dir(out, given, replace=run.overwrite or resume)
         write_heldout(out, prompts.heldout)
         records, start, skipped, bad_in_row = [], 0, 0, 0
     else:
@@ -73,7 +74,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
         trl_backend.load_trainer_state(trainer, saved.state["trainer"])
         records, start, evaluation = saved.metrics, saved.step, saved.state["evaluation"]
         skipped, bad_in_row = saved.state["skipped"], saved.state["bad_in_row"]
-        start_output_dir(out, recipe, replace=False)  # records any change to run.steps
+        start_output_dir(out, given, replace=False)  # records any change to run.steps
         write_metrics(out, records)  # drops the steps after the checkpoint
         checkpoint.set_rng_state(saved.state["rng"])  # last: building the trainer reseeds
         console.print(f"resuming from {saved.path} (step {start})")

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import torch
-from trl import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
+from transformers import PrinterCallback
+from trl import (AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer, RewardConfig, RewardTrainer, SFTConfig,
+                 SFTTrainer)
 
-from .config import Recipe
+from .config import SFT, Recipe, RewardModel
 
 
 def with_value_head(adapted_model) -> AutoModelForCausalLMWithValueHead:
@@ -100,3 +103,51 @@ def step_is_finite(trainer: PPOTrainer, stats: dict[str, float]) -> bool:
     if not all(np.isfinite(v) for k, v in stats.items() if k.startswith("ppo/loss/")):
         return False
     return all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------------------- stages before PPO
+def _trainer_args(cfg: SFT | RewardModel, seed: int, work_dir: Path) -> dict:
+    """The transformers Trainer settings both stages share: the section's own values, a cosine
+    schedule with 5% warm-up and no weight decay, and nothing saved or reported by the Trainer."""
+    return dict(output_dir=str(work_dir), learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs,
+                per_device_train_batch_size=cfg.batch_size, lr_scheduler_type="cosine", warmup_ratio=0.05,
+                weight_decay=0.0, seed=seed, logging_steps=10, save_strategy="no", report_to="none",
+                disable_tqdm=True, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available())
+
+
+def train_sft(model, tokenizer, texts: list[str], cfg: SFT, seed: int, work_dir: Path) -> list[float]:
+    """TRL's SFTTrainer on `texts` (each ending in EOS, so the model learns to stop); returns the logged losses."""
+    from datasets import Dataset
+
+    data = Dataset.from_dict({"text": [t + tokenizer.eos_token for t in texts]})
+    args = SFTConfig(**_trainer_args(cfg, seed, work_dir), dataset_text_field="text",
+                     max_seq_length=cfg.max_length, packing=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, tokenizer=tokenizer)
+    trainer.remove_callback(PrinterCallback)  # a raw dict per log step; the stage prints its own summary
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+class _PairwiseRewardTrainer(RewardTrainer):
+    """TRL 0.11.4's compute_loss predates the num_items_in_batch argument transformers now passes."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return super().compute_loss(model, inputs, return_outputs=return_outputs)
+
+
+def train_reward_model(model, tokenizer, pairs: list[tuple[str, str]], cfg: RewardModel, seed: int,
+                       work_dir: Path) -> list[float]:
+    """TRL's RewardTrainer on (chosen, rejected) pairs: -log sigmoid(r_chosen - r_rejected), plus a
+    small pull of the rewards towards 0 so PPO sees centred values; returns the logged losses."""
+    from datasets import Dataset
+
+    chosen, rejected = (tokenizer([p[i] for p in pairs], truncation=True, max_length=cfg.max_length) for i in (0, 1))
+    data = Dataset.from_dict({"input_ids_chosen": chosen["input_ids"], "attention_mask_chosen": chosen["attention_mask"],
+                              "input_ids_rejected": rejected["input_ids"],
+                              "attention_mask_rejected": rejected["attention_mask"]})
+    args = RewardConfig(**_trainer_args(cfg, seed, work_dir), max_length=cfg.max_length,
+                        remove_unused_columns=False, center_rewards_coefficient=cfg.center_rewards)
+    trainer = _PairwiseRewardTrainer(model=model, args=args, train_dataset=data, tokenizer=tokenizer)
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]

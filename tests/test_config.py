@@ -20,7 +20,7 @@ BASE = load_recipe("imdb_positive")
     (lambda: Policy(model="m", lora_dropout=1.0), "policy.lora_dropout"),
     (lambda: Policy(model="m", lora_target_modules=()), "policy.lora_target_modules"),
     (lambda: Policy(model="m", lora_r="8"), "policy.lora_r"),
-    (lambda: Reward(), "reward.model"),
+    (lambda: Reward(model="m", batch_size=0), "reward.batch_size"),
     (lambda: Reward(model="m", function=len), "reward.function"),
     (lambda: Reward(model="m", scale=0.0), "reward.scale"),
     (lambda: Reward(model="m", score="rank"), "reward.score"),

@@ -1,0 +1,226 @@
+"""The stages before PPO: supervised fine-tuning, then a reward model trained on preference pairs.
+
+    OUTPUT_DIR/stages/sft/            the fine-tuned causal LM (safetensors) and tokenizer, stage.json
+    OUTPUT_DIR/stages/reward_model/   the one-output classifier (safetensors) and tokenizer, stage.json
+
+The SFT output becomes the PPO policy and reference; the reward model's logit becomes the
+reward. stage.json holds a fingerprint of everything the stage read (its section, the model
+it started from, the data, the seed, the library versions) and what it measured. A later run
+whose fingerprint matches reuses the output, so PPO can be re-tuned without redoing the stages.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import shutil
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
+
+from . import trl_backend
+from .config import Recipe, RecipeError
+from .console import console
+from .data import load_columns
+from .loading import load_pretrained
+from .policy import _DTYPES, add_lora, load_tokenizer
+from .rundir import STAGES, replace_dir
+
+STAGE_FILE = "stage.json"
+
+
+def prepare(recipe: Recipe, out: Path, device: torch.device, train: bool = True,
+            until: str | None = None) -> Recipe | None:
+    """Run (or reuse) the recipe's stages in order, and return the recipe PPO runs: policy.model
+    and reward.model pointed at their outputs, with the stages removed.
+
+    train=False only reuses outputs (to re-evaluate a run); until='sft' stops after that stage
+    and returns None.
+    """
+    ppo_recipe = recipe
+    for name, run_stage in (("sft", _sft), ("reward_model", _reward_model)):
+        cfg = getattr(recipe, name)
+        if cfg is not None:
+            target = out / STAGES / name
+            base = (cfg.model or ppo_recipe.policy.model) if name == "reward_model" else recipe.policy.model
+            fingerprint = _fingerprint(name, cfg, base, recipe)
+            if _cached(target) != fingerprint:
+                if not train:
+                    raise RecipeError(f"{target} is missing or was trained from other inputs; "
+                                      "run the recipe again to rebuild it")
+                _build(target, fingerprint, lambda tmp: run_stage(recipe, base, tmp, device))
+            else:
+                console.print(f"{name}: reusing {target} (its inputs are unchanged)")
+            ppo_recipe = _use_output(ppo_recipe, name, target)
+        if name == until:
+            return None
+    return dataclasses.replace(ppo_recipe, sft=None, reward_model=None)
+
+
+def _use_output(recipe: Recipe, name: str, target: Path) -> Recipe:
+    if name == "sft":
+        return dataclasses.replace(recipe, policy=dataclasses.replace(recipe.policy, model=str(target)))
+    reward = dataclasses.replace(recipe.reward, model=str(target), function=None, label=None, score="logit")
+    return dataclasses.replace(recipe, reward=reward, reward_model=None)
+
+
+# ---------------------------------------------------------------------------- the two stages
+def _sft(recipe: Recipe, base: str, tmp: Path, device: torch.device) -> dict:
+    cfg, policy = recipe.sft, recipe.policy
+    tokenizer = load_tokenizer("policy.model", base, policy.trust_remote_code)
+    rows = load_columns("sft", cfg.dataset, cfg.split, None, {"text_column": cfg.text_column})
+    held, train = _split([r[0] for r in rows], cfg.heldout, recipe.run.seed, "sft")
+    set_seed(recipe.run.seed)
+    if cfg.init == "random":
+        config = load_pretrained("policy.model", AutoConfig.from_pretrained, base,
+                                 trust_remote_code=policy.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[policy.dtype])
+    else:
+        model = load_pretrained("policy.model", AutoModelForCausalLM.from_pretrained, base,
+                                dtype=_DTYPES[policy.dtype], trust_remote_code=policy.trust_remote_code)
+    model = add_lora(model.to(device), policy) if cfg.method == "lora" else model.to(device)
+    before = heldout_loss(model, tokenizer, held, cfg.max_length)
+    losses = trl_backend.train_sft(model, tokenizer, train, cfg, recipe.run.seed, tmp / "trainer")
+    after = heldout_loss(model, tokenizer, held, cfg.max_length)
+    if cfg.method == "lora":
+        model = model.merge_and_unload()  # PPO adds fresh adapters on top of the merged weights
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    console.print(f"sft: {len(train)} texts, held-out loss {before:.3f} -> {after:.3f} ({len(held)} texts)")
+    return {"texts": len(train), "heldout_loss_before": before, "heldout_loss_after": after, "train_losses": losses}
+
+
+def _reward_model(recipe: Recipe, base: str, tmp: Path, device: torch.device) -> dict:
+    cfg = recipe.reward_model
+    tokenizer = load_tokenizer("reward_model.model", base)
+    rows = load_columns("reward_model", cfg.dataset, cfg.split, None,
+                        {"chosen_column": cfg.chosen_column, "rejected_column": cfg.rejected_column})
+    held, train = _split(rows, cfg.heldout, recipe.run.seed, "reward_model")
+    set_seed(recipe.run.seed)
+    config = load_pretrained("reward_model.model", AutoConfig.from_pretrained, base, num_labels=1)
+    config.pad_token_id = tokenizer.pad_token_id  # GPT-style classifiers read the last non-pad token
+    with _quiet_transformers():  # the new score head is "newly initialized": that is the point
+        model = (AutoModelForSequenceClassification.from_config(config) if cfg.init == "random" else
+                 load_pretrained("reward_model.model", AutoModelForSequenceClassification.from_pretrained,
+                                 base, config=config))
+    model.to(device)
+    before = pair_accuracy(model, tokenizer, held, cfg.max_length)
+    losses = trl_backend.train_reward_model(model, tokenizer, train, cfg, recipe.run.seed, tmp / "trainer")
+    after = pair_accuracy(model, tokenizer, held, cfg.max_length)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    console.print(f"reward_model: {len(train)} pairs, held-out accuracy {before:.1%} -> {after:.1%} "
+                  f"({len(held)} pairs)")
+    return {"pairs": len(train), "heldout_accuracy_before": before, "heldout_accuracy_after": after,
+            "train_losses": losses}
+
+
+# ---------------------------------------------------------------------------- measures
+@torch.no_grad()
+def heldout_loss(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 64) -> float:
+    """Mean next-token cross-entropy (nats) over the tokens of `texts`, each ending in EOS."""
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer([t + tokenizer.eos_token for t in texts[start:start + batch_size]], padding=True,
+                          truncation=True, max_length=max_length, return_tensors="pt").to(device)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        n = int((labels[:, 1:] != -100).sum())
+        total += float(model(**batch, labels=labels).loss) * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def pair_accuracy(model, tokenizer, pairs: list[tuple[str, str]], max_length: int, batch_size: int = 64) -> float:
+    """Share of pairs whose chosen text the one-output classifier scores above the rejected one."""
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    wins = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        scores = [model(**tokenizer([p[i] for p in chunk], padding=True, truncation=True, max_length=max_length,
+                                    return_tensors="pt").to(device)).logits[:, 0] for i in (0, 1)]
+        wins.append(scores[0] > scores[1])
+    model.train(was_training)
+    return float(torch.cat(wins).float().mean()) if wins else float("nan")
+
+
+# ---------------------------------------------------------------------------- caching
+def _build(target: Path, fingerprint: str, run) -> None:
+    """Run a stage into a temporary directory and rename it into place with its stage.json."""
+    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        t0 = time.perf_counter()
+        measured = run(tmp)
+        shutil.rmtree(tmp / "trainer", ignore_errors=True)
+        record = {"fingerprint": fingerprint, "seconds": round(time.perf_counter() - t0, 1), **measured}
+        (tmp / STAGE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        replace_dir(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for empty in (target.parent, target.parent.parent):  # a failed first stage leaves no trace
+            if empty.is_dir() and not any(empty.iterdir()):
+                empty.rmdir()
+
+
+def _cached(target: Path) -> str | None:
+    try:
+        return json.loads((target / STAGE_FILE).read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _fingerprint(name: str, cfg, base: str, recipe: Recipe) -> str:
+    """A hash of everything a stage's output depends on."""
+    inputs = {"stage": name, "section": recipe.to_dict()[name], "seed": recipe.run.seed, "base": _identity(base),
+              "data": _identity(cfg.dataset), "versions": [version(p) for p in ("trl", "transformers", "torch")]}
+    if name == "sft":
+        inputs["policy"] = {k: v for k, v in recipe.to_dict()["policy"].items() if k != "quantization"}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _identity(name: str) -> object:
+    """Local files (a file, a directory or a glob) by their contents (by size and mtime above
+    64 MB); anything else, a Hub id, by its name."""
+    roots = [Path(m) for m in sorted(glob.glob(str(Path(name).expanduser())))]
+    files = [(root, f) for root in roots for f in ([root] if root.is_file() else sorted(root.rglob("*")))
+             if f.is_file()]
+    out = []
+    for root, f in files:
+        st = f.stat()
+        digest = hashlib.sha256(f.read_bytes()).hexdigest() if st.st_size < 2 ** 26 else st.st_mtime_ns
+        out.append([f.name if f == root else str(f.relative_to(root)), st.st_size, digest])
+    return out or name
+
+
+def _split(rows: list, heldout: int, seed: int, section: str) -> tuple[list, list]:
+    """A seeded shuffle: the first `heldout` rows measure the stage, the rest train it."""
+    if len(rows) <= heldout:
+        raise RecipeError(f"{section}.dataset has {len(rows)} usable rows, but {section}.heldout={heldout} are "
+                          f"held out; lower {section}.heldout or use more data")
+    order = np.random.default_rng(seed).permutation(len(rows))
+    rows = [rows[i] for i in order]
+    return rows[:heldout], rows[heldout:]
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(level)

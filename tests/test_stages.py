@@ -1,0 +1,135 @@
+"""The stages before PPO on tiny inputs: SFT lowers the loss, the reward model ranks held-out
+pairs, outputs are cached and reused, stages run alone, and the corpus regenerates exactly."""
+import dataclasses
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from conftest import local_overrides
+from rlhf_recipes import SFT, RecipeError, RewardModel, apply_overrides, corpus, load_recipe
+from rlhf_recipes.run import main
+from rlhf_recipes.stages import STAGE_FILE, heldout_loss, pair_accuracy, prepare
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A small copy of the quickstart's data: 400 reviews, 400 pairs, 200 openings."""
+    root = tmp_path_factory.mktemp("corpus")
+    corpus.write(root, seed=3, num_reviews=400, num_pairs=400, num_prompts=200)
+    return root
+
+
+def staged_recipe(data, out, **sft):
+    """The quickstart recipe on the small data, with short stages."""
+    recipe = load_recipe("quickstart")
+    return dataclasses.replace(
+        recipe, policy=dataclasses.replace(recipe.policy, model=str(data / "base")),
+        sft=dataclasses.replace(recipe.sft, dataset=str(data / "reviews.jsonl"), epochs=2.0, heldout=50, **sft),
+        reward_model=dataclasses.replace(recipe.reward_model, dataset=str(data / "pairs.jsonl"), epochs=3.0,
+                                         learning_rate=3e-3, heldout=50),
+        prompts=dataclasses.replace(recipe.prompts, dataset=str(data / "prompts.jsonl")),
+        run=dataclasses.replace(recipe.run, output_dir=str(out)))
+
+
+@pytest.fixture(scope="module")
+def staged(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("staged")
+    recipe = staged_recipe(data, out)
+    return recipe, prepare(recipe, out, CPU), out
+
+
+def test_sft_lowers_the_held_out_loss(staged):
+    _, ppo_recipe, out = staged
+    record = json.loads((out / "stages" / "sft" / STAGE_FILE).read_text())
+    assert record["heldout_loss_after"] < record["heldout_loss_before"] - 1.0
+    assert record["train_losses"][-1] < record["train_losses"][0]
+    assert ppo_recipe.policy.model == str(out / "stages" / "sft") and ppo_recipe.sft is None
+    model = AutoModelForCausalLM.from_pretrained(ppo_recipe.policy.model)  # a plain causal LM, safetensors
+    assert (out / "stages" / "sft" / "model.safetensors").exists()
+    assert not list((out / "stages" / "sft").glob("*.bin")) and not (out / "stages" / "sft" / "trainer").exists()
+    tokenizer = AutoTokenizer.from_pretrained(ppo_recipe.policy.model)
+    fresh = [r["text"] for r in corpus.reviews(100, seed=99)]  # never seen in training
+    assert heldout_loss(model, tokenizer, fresh, 64) < record["heldout_loss_before"] - 1.0
+
+
+def test_the_reward_model_prefers_chosen_over_rejected_on_held_out_pairs(staged, data):
+    _, ppo_recipe, out = staged
+    record = json.loads((out / "stages" / "reward_model" / STAGE_FILE).read_text())
+    assert record["heldout_accuracy_after"] >= 0.9 and record["heldout_accuracy_after"] > record["heldout_accuracy_before"]
+    assert ppo_recipe.reward.model == str(out / "stages" / "reward_model") and ppo_recipe.reward.label is None
+    model = AutoModelForSequenceClassification.from_pretrained(ppo_recipe.reward.model)
+    assert model.config.num_labels == 1
+    tokenizer = AutoTokenizer.from_pretrained(ppo_recipe.reward.model)
+    fresh = [(p["chosen"], p["rejected"]) for p in corpus.pairs(100, seed=99)]  # never seen in training
+    assert pair_accuracy(model, tokenizer, fresh, 64) >= 0.9
+
+
+def test_stage_outputs_are_reused_until_an_input_changes(staged, capsys):
+    recipe, _, out = staged
+    weights = out / "stages" / "sft" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    prepare(recipe, out, CPU)
+    assert "sft: reusing" in capsys.readouterr().out and weights.stat().st_mtime_ns == stamp
+    changed = dataclasses.replace(recipe, sft=dataclasses.replace(recipe.sft, epochs=1.0))
+    prepare(changed, out, CPU, until="sft")
+    assert weights.stat().st_mtime_ns != stamp  # retrained
+    with pytest.raises(RecipeError, match="trained from other inputs"):
+        prepare(recipe, out, CPU, train=False)  # re-evaluation never trains
+
+
+def test_a_stage_runs_alone_from_the_command_line(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["quickstart", f"policy.model={data / 'base'}", f"sft.dataset={data / 'reviews.jsonl'}",
+            "sft.epochs=1", "sft.heldout=50", f"run.output_dir={out}"]
+    assert main([*base, "--stage", "sft"]) == 0
+    assert [p.name for p in out.iterdir()] == ["stages"] and [p.name for p in (out / "stages").iterdir()] == ["sft"]
+    assert main(["imdb_positive", f"run.output_dir={tmp_path / 'x'}", "--stage", "sft"]) == 2
+    assert "has no sft stage" in capsys.readouterr().err
+
+
+def test_lora_sft_merges_its_adapters_into_a_pretrained_base(tiny_dir, data, tmp_path):
+    recipe = apply_overrides(load_recipe("imdb_positive"), local_overrides("imdb_positive", tiny_dir))
+    recipe = dataclasses.replace(recipe, sft=SFT(dataset=str(tiny_dir / "imdb.jsonl"), learning_rate=1e-2,
+                                                 epochs=1.0, batch_size=16, method="lora", max_length=32, heldout=50),
+                                 run=dataclasses.replace(recipe.run, output_dir=str(tmp_path)))
+    ppo_recipe = prepare(recipe, tmp_path, CPU)
+    record = json.loads((tmp_path / "stages" / "sft" / STAGE_FILE).read_text())
+    assert record["heldout_loss_after"] < record["heldout_loss_before"]
+    merged = AutoModelForCausalLM.from_pretrained(ppo_recipe.policy.model)
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir / "gpt2")
+    assert not any("lora" in k for k in merged.state_dict())  # merged: a plain model again
+    assert not torch.equal(merged.transformer.h[0].attn.c_attn.weight, base.transformer.h[0].attn.c_attn.weight)
+
+
+def test_stage_settings_are_checked():
+    with pytest.raises(RecipeError, match="sft.init"):
+        SFT(dataset="d.jsonl", learning_rate=1e-3, epochs=1.0, batch_size=8, method="lora", init="random")
+    with pytest.raises(RecipeError, match="reward_model.heldout"):
+        RewardModel(dataset="p.jsonl", learning_rate=1e-3, epochs=1.0, batch_size=8, heldout=0)
+    recipe = load_recipe("quickstart")
+    with pytest.raises(RecipeError, match="reward.model must be unset"):
+        dataclasses.replace(recipe, reward=dataclasses.replace(recipe.reward, model="x"))
+    with pytest.raises(RecipeError, match="has no sft stage"):
+        apply_overrides(load_recipe("imdb_positive"), ["sft.epochs=2"])
+    assert apply_overrides(recipe, ["sft.epochs=2"]).sft.epochs == 2.0
+
+
+def test_the_shipped_corpus_regenerates_exactly(tmp_path):
+    corpus.write(tmp_path)
+    shipped = sorted(p.relative_to(corpus.QUICKSTART) for p in corpus.QUICKSTART.rglob("*") if p.is_file())
+    assert shipped == sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    assert all((corpus.QUICKSTART / p).read_bytes() == (tmp_path / p).read_bytes() for p in shipped)
+
+
+def test_the_corpus_is_mixed_and_the_judge_agrees_with_its_labels():
+    rows = corpus.reviews(2000, seed=5)
+    share = sum(r["label"] for r in rows) / len(rows)
+    assert 0.05 < share < 0.2  # mostly critical, but mixed
+    assert all(corpus.is_positive(r["text"]) == bool(r["label"]) for r in rows)
+    assert all(corpus.opinion(p["text"]) == 0 for p in corpus.openings(500, seed=6))  # prompts give no opinion
+    pairs = corpus.pairs(500, seed=7)
+    assert all(corpus.opinion(p["chosen"]) > corpus.opinion(p["rejected"]) for p in pairs)
