@@ -18,7 +18,7 @@ recipe = Recipe(
     # the SFT model's shape with fresh weights: started from the SFT weights it ranked pairs
     # as well but scored whole reviews off-centre
     reward_model=RewardModel(dataset=str(QUICKSTART / "pairs.jsonl"), init="random",
-                             learning_rate=1e-3, epochs=1.0, batch_size=32, max_length=64, heldout=200),
+                             learning_rate=3e-3, epochs=2.0, batch_size=32, max_length=64, heldout=200),
     reward=Reward(input="prompt+response", batch_size=256),
     # openings of reviews, cut before any opinion word: the policy chooses the sentiment
     prompts=Prompts(dataset=str(QUICKSTART / "prompts.jsonl"), text_column="text",
@@ -29,7 +29,7 @@ recipe = Recipe(
     ppo=PPO(learning_rate=5e-4, batch_size=128, mini_batch_size=32, ppo_epochs=4,
             adap_kl_ctrl=True, init_kl_coef=0.2, target=6.0, horizon=320.0,
             gamma=1.0, lam=0.95, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, max_grad_norm=1.0),
-    eval=Eval(num_prompts=256, batch_size=256, seed=1234, every=0, judge="rlhf_recipes.corpus:is_positive"),
+    eval=Eval(num_prompts=256, batch_size=256, seed=1234, every=10, judge="rlhf_recipes.corpus:is_positive"),
     run=Run(output_dir="runs/quickstart", steps=50, seed=0, sample_every=10, sample_rows=4,
             checkpoint_every=20, keep_checkpoints=2, max_bad_batches=3),
 )

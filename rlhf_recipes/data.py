@@ -5,6 +5,7 @@ recomputed after a restart without replaying the ones before it.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +42,7 @@ def load_columns(section: str, dataset: str, split: str, subset: str | None, col
 
     Rows where any of them is not a non-empty string are dropped. Errors name `section`'s fields.
     """
-    from datasets import disable_progress_bars, enable_progress_bars, is_progress_bar_enabled
-
-    shown = is_progress_bar_enabled()
-    disable_progress_bars()  # a bar per split and per filter, for a few seconds of work
-    try:
+    with no_progress_bars():
         ds = _load_dataset(section, dataset, split, subset)
         for name, path in columns.items():
             if path.split(".")[0] not in ds.column_names:
@@ -56,10 +53,21 @@ def load_columns(section: str, dataset: str, split: str, subset: str | None, col
         else:
             ds = ds.select_columns(sorted({path.split(".")[0] for path in columns.values()}))
         rows = [tuple(_field(row, path) for path in columns.values()) for row in ds]
+    return [r for r in rows if all(isinstance(v, str) and v.strip() for v in r)]
+
+
+@contextlib.contextmanager
+def no_progress_bars():
+    """Hide `datasets`' bars (one per split, filter and map, for seconds of work) while inside."""
+    from datasets import disable_progress_bars, enable_progress_bars, is_progress_bar_enabled
+
+    shown = is_progress_bar_enabled()
+    disable_progress_bars()
+    try:
+        yield
     finally:
         if shown:
             enable_progress_bars()
-    return [r for r in rows if all(isinstance(v, str) and v.strip() for v in r)]
 
 
 def _load_dataset(section: str, dataset: str, split: str, subset: str | None):

@@ -22,6 +22,9 @@ _WARNINGS = [  # (message regex, category, module regex)
 ]
 _LOG_MESSAGES = {  # logger name -> substrings of records to drop
     "transformers.tokenization_utils_base": ["Please note that with a fast tokenizer"],
+    # the SFT and reward-model stages: a default the config leaves unset, and a FLOPs estimate we never read
+    "transformers.modeling_utils": ["was set in the config but it is unrecognized",
+                                    "Could not estimate the number of tokens of the input"],
 }
 
 

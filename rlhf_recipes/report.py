@@ -5,7 +5,7 @@ import json
 import math
 from pathlib import Path
 
-from .rundir import EVAL, REPORT
+from .rundir import EVAL, RECIPE, REPORT
 
 ROWS = [("reward", "reward"), ("kl", "KL(policy ‖ ref), nats"), ("length", "response length (tokens)"),
         ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"), ("entropy", "mean token entropy")]
@@ -64,7 +64,8 @@ def markdown(result: dict) -> str:
 
 
 def plot(out: Path, result: dict, metrics: list[dict]) -> None:
-    """training.png: reward, KL and KL coefficient per step; reward_hist.png: rewards before vs after."""
+    """training.png: reward, KL (with the adaptive controller's target) and KL coefficient per step,
+    with the held-out evaluations; reward_hist.png: rewards before vs after."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never a window
@@ -79,9 +80,13 @@ def plot(out: Path, result: dict, metrics: list[dict]) -> None:
         ax.set_title(title)
         ax.set_xlabel("PPO step")
     evals = [result["before"], *result.get("during", []), result["after"]]
-    axes[0].plot([e["step"] for e in evals], [e["policy"]["reward"]["mean"] for e in evals], "s--",
-                 label="held-out eval")
+    for ax, key in zip(axes, ("reward", "kl")):
+        ax.plot([e["step"] for e in evals], [e["policy"][key]["mean"] for e in evals], "s--", label="held-out eval")
+    recipe = json.loads((out / RECIPE).read_text()) if (out / RECIPE).exists() else {}
+    if recipe.get("ppo", {}).get("adap_kl_ctrl"):  # the KL the adaptive controller steers towards
+        axes[1].axhline(recipe["ppo"]["target"], color="grey", linestyle=":", label="target")
     axes[0].legend()
+    axes[1].legend()
     fig.tight_layout()
     fig.savefig(out / "training.png", dpi=100)
     plt.close(fig)

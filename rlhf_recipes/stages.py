@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from . import trl_backend
 from .config import Recipe, RecipeError
 from .console import console
-from .data import load_columns
+from .data import load_columns, no_progress_bars
 from .loading import load_pretrained
 from .policy import _DTYPES, add_lora, load_tokenizer
 from .rundir import STAGES, replace_dir
@@ -88,7 +88,8 @@ def _sft(recipe: Recipe, base: str, tmp: Path, device: torch.device) -> dict:
                                 dtype=_DTYPES[policy.dtype], trust_remote_code=policy.trust_remote_code)
     model = add_lora(model.to(device), policy) if cfg.method == "lora" else model.to(device)
     before = heldout_loss(model, tokenizer, held, cfg.max_length)
-    losses = trl_backend.train_sft(model, tokenizer, train, cfg, recipe.run.seed, tmp / "trainer")
+    with no_progress_bars():
+        losses = trl_backend.train_sft(model, tokenizer, train, cfg, recipe.run.seed, tmp / "trainer")
     after = heldout_loss(model, tokenizer, held, cfg.max_length)
     if cfg.method == "lora":
         model = model.merge_and_unload()  # PPO adds fresh adapters on top of the merged weights
@@ -113,7 +114,8 @@ def _reward_model(recipe: Recipe, base: str, tmp: Path, device: torch.device) ->
                                  base, config=config))
     model.to(device)
     before = pair_accuracy(model, tokenizer, held, cfg.max_length)
-    losses = trl_backend.train_reward_model(model, tokenizer, train, cfg, recipe.run.seed, tmp / "trainer")
+    with no_progress_bars():
+        losses = trl_backend.train_reward_model(model, tokenizer, train, cfg, recipe.run.seed, tmp / "trainer")
     after = pair_accuracy(model, tokenizer, held, cfg.max_length)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

@@ -21,7 +21,10 @@ LOCAL = {
     "detoxify": {"policy.model": "gpt-neo", "reward.model": "roberta-hate", "prompts.dataset": "toxicity.jsonl"},
     "imdb_positive_7b_8bit": {"policy.model": "gpt-neox", "reward.model": "distilbert-imdb",
                               "prompts.dataset": "imdb.jsonl", "prompts.filter": None, "policy.dtype": None},
+    "quickstart": {},  # offline already: its data ships with the package
 }
+# Stages cut to a few seconds (their learning is tested in test_stages.py and test_quickstart.py).
+SHORT_STAGES = {"quickstart": ["sft.epochs=0.1", "sft.heldout=50", "reward_model.epochs=0.1", "reward_model.heldout=50"]}
 # Small enough for a 2-core CPU: two PPO steps of 8 samples.
 SMALL = ["ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=2", "run.steps=2", "eval.num_prompts=16",
          "run.sample_every=1", "run.sample_rows=2", "generation.response_min_tokens=4", "generation.response_max_tokens=8", "reward.batch_size=4"]
@@ -40,4 +43,4 @@ def local_overrides(name: str, tiny_dir) -> list[str]:
             out.append(f"{key}=none" if key != "policy.dtype" else f"{key}=float32")
         else:
             out.append(f"{key}={tiny_dir / value}")
-    return out
+    return out + SHORT_STAGES.get(name, [])

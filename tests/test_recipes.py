@@ -13,8 +13,8 @@ from rlhf_recipes.run import main
 NAMES = shipped_recipes()
 
 
-def test_the_three_recipes_ship():
-    assert {"imdb_positive", "detoxify", "imdb_positive_7b_8bit"} <= set(NAMES)
+def test_the_four_recipes_ship():
+    assert {"imdb_positive", "detoxify", "imdb_positive_7b_8bit", "quickstart"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -1,0 +1,28 @@
+"""The quickstart, shortened, end to end through the CLI from nothing but the shipped corpus:
+SFT, reward model, PPO. It must learn: reward up significantly, more positive reviews, KL bounded."""
+import json
+
+import pytest
+
+from rlhf_recipes.report import reward_gain
+from rlhf_recipes.run import main
+
+# About a minute on a 2-core CPU: fewer SFT and reward-model epochs, 15 PPO steps of 64.
+SHORT = ["sft.epochs=2", "reward_model.epochs=1", "ppo.batch_size=64", "ppo.mini_batch_size=16", "run.steps=15",
+         "eval.num_prompts=64", "eval.batch_size=64", "eval.every=0", "run.sample_every=0"]
+
+
+@pytest.mark.slow
+def test_a_short_quickstart_learns_and_holds_the_kl(tmp_path):
+    out = tmp_path / "quickstart"
+    assert main(["quickstart", *SHORT, f"run.output_dir={out}"]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    before, after = result["before"], result["after"]
+    assert after["reward_improvement"]["ci95"][0] > 0  # significant, paired by prompt
+    assert reward_gain(result) >= 1.5  # in reference standard deviations
+    assert after["policy"]["judged"]["mean"] >= before["policy"]["judged"]["mean"] + 0.3  # more positive reviews
+    target = json.loads((out / "recipe.json").read_text())["ppo"]["target"]
+    assert 0 < after["policy"]["kl"]["mean"] <= 2 * target
+    stages = {s: json.loads((out / "stages" / s / "stage.json").read_text()) for s in ("sft", "reward_model")}
+    assert stages["sft"]["heldout_loss_after"] < stages["sft"]["heldout_loss_before"]
+    assert stages["reward_model"]["heldout_accuracy_after"] >= 0.9
