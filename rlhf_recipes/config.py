@@ -188,6 +188,9 @@ class PPO(Section):
         self.require(0 <= self.vf_coef < math.inf, "vf_coef", "must be finite and >= 0")
         self.require(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]")
         self.require(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
+        # TRL 0.11.4 keeps the running reward std as a float and calls .to() on it: every step fails
+        self.require(not self.use_score_scaling, "use_score_scaling",
+                     "is broken in TRL 0.11.4 (its running std is a float); leave it false, or use reward.scale")
         step = self.mini_batch_size * self.gradient_accumulation_steps
         self.require(self.batch_size % step == 0, "batch_size",
                      f"must be a multiple of ppo.mini_batch_size * ppo.gradient_accumulation_steps ({step})")

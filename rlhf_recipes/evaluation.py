@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -70,10 +71,16 @@ def evaluate(model, tokenizer, reward_fn, queries: list[torch.Tensor], recipe: R
              step: int, check_reference: bool = False) -> dict:
     """One evaluation of the policy against its reference on `queries`: a JSON-able record.
 
-    Runs in a forked RNG, so evaluating (or not) never changes the training run's samples.
+    Runs in forked RNGs (torch, numpy, python: a reward function or judge may draw from
+    them), so evaluating, or not, never changes the training run's samples.
     """
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        return _evaluate(model, tokenizer, reward_fn, queries, recipe, device, step, check_reference)
+    saved = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return _evaluate(model, tokenizer, reward_fn, queries, recipe, device, step, check_reference)
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
 
 
 def _evaluate(model, tokenizer, reward_fn, queries, recipe, device, step, check_reference) -> dict:

@@ -16,7 +16,7 @@ from . import trl_backend
 from .config import Policy, RecipeError
 from .loading import load_pretrained
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DROPOUT = re.compile(r"(dropout|pdrop)", re.IGNORECASE)
 
 
@@ -39,7 +39,7 @@ def quantization_config(cfg: Policy) -> BitsAndBytesConfig | None:
         return BitsAndBytesConfig(load_in_8bit=True)
     if cfg.quantization == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                  bnb_4bit_compute_dtype=_DTYPES[cfg.dtype], bnb_4bit_use_double_quant=True)
+                                  bnb_4bit_compute_dtype=DTYPES[cfg.dtype], bnb_4bit_use_double_quant=True)
     return None
 
 
@@ -53,7 +53,7 @@ def build_policy(cfg: Policy, device: torch.device):
     quant = quantization_config(cfg)
     base = load_pretrained(
         "policy.model", AutoModelForCausalLM.from_pretrained, cfg.model, config=config,
-        dtype=_DTYPES[cfg.dtype], quantization_config=quant, trust_remote_code=cfg.trust_remote_code,
+        dtype=DTYPES[cfg.dtype], quantization_config=quant, trust_remote_code=cfg.trust_remote_code,
         # each process places its own copy: device_map="auto" spreads a model over GPUs and breaks DDP
         device_map={"": device} if quant else None)
     if quant:

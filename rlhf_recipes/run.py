@@ -82,7 +82,8 @@ def _run_stages(recipe, until: str) -> int:
 
 def resume_command(argv: list[str] | None) -> str:
     """The command line that continues this run."""
-    args = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
+    args = [a for a in (sys.argv[1:] if argv is None else argv)
+            if a != "--resume" and not a.startswith("run.overwrite=")]  # resuming never overwrites
     return shlex.join(["python", "-m", "rlhf_recipes.run", *args, "--resume"])
 
 

@@ -52,7 +52,12 @@ RESUMABLE_CHANGES = frozenset({"run.steps", "run.sample_every", "run.sample_rows
 
 def check_same_recipe(out: Path, recipe: Recipe) -> None:
     """A run resumes only with the recipe it was started with (up to RESUMABLE_CHANGES)."""
-    saved, now = _dotted(json.loads((out / RECIPE).read_text())), _dotted(recipe.to_dict())
+    try:
+        saved = _dotted(json.loads((out / RECIPE).read_text()))
+    except ValueError:
+        raise RecipeError(f"--resume: {str(out / RECIPE)!r} is damaged; it cannot be resumed, "
+                          "so start a new run in another directory") from None
+    now = _dotted(recipe.to_dict())
     for key in sorted(set(saved) | set(now)):
         if saved.get(key) != now.get(key) and key not in RESUMABLE_CHANGES:
             raise RecipeError(f"--resume: {key} is {now.get(key)!r} but the run in {str(out)!r} used "
@@ -69,11 +74,13 @@ def start_output_dir(out: Path, recipe: Recipe, replace: bool) -> None:
     """Create the run directory (emptied first if `replace` and it holds a run; the stages'
     outputs stay, to be reused while their inputs are unchanged) and record the recipe."""
     if replace and (out / RECIPE).is_file():
-        for old in out.iterdir():
+        for old in sorted(out.iterdir(), key=lambda p: p.name == RECIPE):  # recipe.json last: it marks a run
             if old.name != STAGES:
                 shutil.rmtree(old) if old.is_dir() else old.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    (out / RECIPE).write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
+    tmp = out / f".tmp-{RECIPE}"
+    tmp.write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
+    os.replace(tmp, out / RECIPE)
 
 
 def save_policy(model, tokenizer, directory: Path) -> None:
@@ -81,8 +88,9 @@ def save_policy(model, tokenizer, directory: Path) -> None:
 
     Written beside `directory` and renamed into place: an interrupted save leaves the old one.
     """
+    for stale in [*directory.parent.glob(f".tmp-{directory.name}-*"), *directory.parent.glob(f".old-{directory.name}-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by a run that was killed mid-save
     tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.pretrained_model.save_pretrained(tmp)
     save_file({k: v.detach().contiguous().cpu() for k, v in model.v_head.state_dict().items()}, tmp / VALUE_HEAD)

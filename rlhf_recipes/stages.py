@@ -31,7 +31,7 @@ from .config import Recipe, RecipeError
 from .console import console
 from .data import load_columns, no_progress_bars
 from .loading import load_pretrained
-from .policy import _DTYPES, add_lora, load_tokenizer
+from .policy import DTYPES, add_lora, load_tokenizer
 from .rundir import STAGES, replace_dir
 
 STAGE_FILE = "stage.json"
@@ -68,7 +68,8 @@ def prepare(recipe: Recipe, out: Path, device: torch.device, train: bool = True,
 def _use_output(recipe: Recipe, name: str, target: Path) -> Recipe:
     if name == "sft":
         return dataclasses.replace(recipe, policy=dataclasses.replace(recipe.policy, model=str(target)))
-    reward = dataclasses.replace(recipe.reward, model=str(target), function=None, label=None, score="logit")
+    reward = dataclasses.replace(recipe.reward, model=str(target), function=None, label=None, score="logit",
+                                 max_length=recipe.reward.max_length or recipe.reward_model.max_length)  # as trained
     return dataclasses.replace(recipe, reward=reward, reward_model=None)
 
 
@@ -82,10 +83,10 @@ def _sft(recipe: Recipe, base: str, tmp: Path, device: torch.device) -> dict:
     if cfg.init == "random":
         config = load_pretrained("policy.model", AutoConfig.from_pretrained, base,
                                  trust_remote_code=policy.trust_remote_code)
-        model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[policy.dtype])
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[policy.dtype])
     else:
         model = load_pretrained("policy.model", AutoModelForCausalLM.from_pretrained, base,
-                                dtype=_DTYPES[policy.dtype], trust_remote_code=policy.trust_remote_code)
+                                dtype=DTYPES[policy.dtype], trust_remote_code=policy.trust_remote_code)
     model = add_lora(model.to(device), policy) if cfg.method == "lora" else model.to(device)
     before = heldout_loss(model, tokenizer, held, cfg.max_length)
     with no_progress_bars():
@@ -161,8 +162,9 @@ def pair_accuracy(model, tokenizer, pairs: list[tuple[str, str]], max_length: in
 # ---------------------------------------------------------------------------- caching
 def _build(target: Path, fingerprint: str, run) -> None:
     """Run a stage into a temporary directory and rename it into place with its stage.json."""
+    for stale in target.parent.glob(f".tmp-{target.name}-*"):  # left by a run that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         t0 = time.perf_counter()
@@ -189,8 +191,10 @@ def _fingerprint(name: str, cfg, base: str, recipe: Recipe) -> str:
     """A hash of everything a stage's output depends on."""
     inputs = {"stage": name, "section": recipe.to_dict()[name], "seed": recipe.run.seed, "base": _identity(base),
               "data": _identity(cfg.dataset), "versions": [version(p) for p in ("trl", "transformers", "torch")]}
-    if name == "sft":
-        inputs["policy"] = {k: v for k, v in recipe.to_dict()["policy"].items() if k != "quantization"}
+    if name == "sft":  # what of the policy section SFT uses (PPO's LoRA settings only for LoRA SFT)
+        used = ("dtype", "trust_remote_code") + (("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+                                                 if cfg.method == "lora" else ())
+        inputs["policy"] = {k: recipe.to_dict()["policy"][k] for k in used}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
 
 

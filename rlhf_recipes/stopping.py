@@ -6,6 +6,7 @@ after the step in progress and write a checkpoint; a second one abandons the ste
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -42,5 +43,6 @@ class StopRequests:
         if self.signal_name is not None:
             raise KeyboardInterrupt  # the second request: abandon the step
         self.signal_name, self.exit_code = signal.Signals(signum).name, 128 + signum
-        print(f"\n{self.signal_name}: stopping after this step to write a checkpoint "
-              "(send it again to stop at once)", file=sys.stderr, flush=True)
+        # os.write, not print: a handler may interrupt a print already under way
+        os.write(sys.stderr.fileno(), f"\n{self.signal_name}: stopping after this step to write a checkpoint "
+                                      "(send it again to stop at once)\n".encode())

@@ -22,6 +22,7 @@ from .data import batch_indices, load_prompts
 from .evaluation import evaluate
 from .policy import build_policy, load_tokenizer
 from .reward import all_finite, build_reward, reward_inputs
+from .recipe import resolve_callable
 from .rollout import decode_pairs, generate
 from .report import summary_line, write_report
 from .rundir import (METRICS, MODEL, RECIPE, check_output_dir, check_same_recipe, save_policy, start_output_dir,
@@ -35,7 +36,7 @@ class TrainResult:
     metrics: list[dict]
     """One record per PPO step taken, as written to metrics.jsonl."""
     skipped: int
-    """Batches skipped for non-finite rewards."""
+    """Batches skipped (and rolled back) for non-finite rewards or losses."""
     evaluation: dict
     """What eval.json holds: the held-out evaluation before, during and after training."""
 
@@ -54,7 +55,13 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
 
     tokenizer = load_tokenizer("policy.model", recipe.policy.model, recipe.policy.trust_remote_code)
     prompts = load_prompts(recipe.prompts, tokenizer, recipe.eval.num_prompts, run.seed)
-    given, recipe = recipe, stages.prepare(recipe, out, device)  # SFT and reward model, trained or reused
+    if recipe.eval.judge is not None:
+        resolve_callable(recipe.eval.judge, "eval.judge")  # fail before minutes of SFT, not after
+    if saved is not None and saved.state["num_prompts"] != len(prompts.train):
+        raise RecipeError(f"--resume: the training prompts changed ({len(prompts.train)} now, "
+                          f"{saved.state['num_prompts']} at {saved.path}); resume needs the same data")
+    # SFT and reward model, trained or reused; a resumed run must find the ones it trained with
+    given, recipe = recipe, stages.prepare(recipe, out, device, train=saved is None)
     set_seed(run.seed)  # after the stages, so a run that reuses them samples exactly as one that trained them
     reward_fn = build_reward(recipe.reward, device)
     policy = build_policy(recipe.policy, device)
@@ -68,9 +75,6 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
         write_heldout(out, prompts.heldout)
         records, start, skipped, bad_in_row = [], 0, 0, 0
     else:
-        if saved.state["num_prompts"] != len(prompts.train):
-            raise RecipeError(f"--resume: the training prompts changed ({len(prompts.train)} now, "
-                              f"{saved.state['num_prompts']} at {saved.path}); resume needs the same data")
         trl_backend.load_trainer_state(trainer, saved.state["trainer"])
         records, start, evaluation = saved.metrics, saved.step, saved.state["evaluation"]
         skipped, bad_in_row = saved.state["skipped"], saved.state["bad_in_row"]
@@ -138,20 +142,20 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
                     write_report(out, evaluation, records)
 
             # 5. checkpoint: periodically, at the end, and before stopping early
-            failing = bad_in_row >= run.max_bad_batches
-            if failing or stop.signal_name or (step + 1) % run.checkpoint_every == 0 or step + 1 == run.steps:
+            failing, signalled = bad_in_row >= run.max_bad_batches, stop.signal_name  # read once: signals race
+            if failing or signalled or (step + 1) % run.checkpoint_every == 0 or step + 1 == run.steps:
                 path = save_checkpoint(step + 1)
             if failing:
                 raise RunStopped(f"{bad_in_row} batches in a row had non-finite rewards or losses (to step {step + 1}); "
-                                 f"the last good state is in {path}; check the reward, or lower ppo.learning_rate, "
-                                 "then resume", exit_code=1, checkpoint=path)
-            if stop.signal_name:
-                raise RunStopped(f"stopped by {stop.signal_name} after step {step + 1}; checkpoint written to {path}",
+                                 f"the last good state is in {path}; fix the reward function or data and resume, "
+                                 "or start a new run with a lower ppo.learning_rate", exit_code=1, checkpoint=path)
+            if signalled:
+                raise RunStopped(f"stopped by {signalled} after step {step + 1}; checkpoint written to {path}",
                                  exit_code=stop.exit_code, checkpoint=path)
 
     save_policy(policy, tokenizer, out / MODEL)
-    if records:
-        sample_table(f"samples at step {records[-1]['step']}", query_texts, response_texts, rewards, run.sample_rows)
+    if records and start < run.steps and records[-1]["step"] == run.steps:  # this process sampled the last step
+        sample_table(f"samples at step {run.steps}", query_texts, response_texts, rewards, run.sample_rows)
     console.print(f"saved adapter, value head and tokenizer to {out / MODEL}")
     evaluation["after"] = held_out(run.steps)
     write_report(out, evaluation, records)
@@ -168,4 +172,7 @@ def _resume_point(out: Path, recipe: Recipe) -> checkpoint.Checkpoint | None:
     saved = checkpoint.latest(out)
     if saved is None:
         console.print(f"--resume: the run in {out} has no checkpoint yet; starting it again from step 0")
+    elif saved.step > recipe.run.steps:
+        raise RecipeError(f"--resume: the run in {str(out)!r} is at step {saved.step}, past run.steps="
+                          f"{recipe.run.steps}; resume with run.steps>={saved.step}")
     return saved

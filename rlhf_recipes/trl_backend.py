@@ -15,7 +15,7 @@ from transformers import PrinterCallback
 from trl import (AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer, RewardConfig, RewardTrainer, SFTConfig,
                  SFTTrainer)
 
-from .config import SFT, Recipe, RewardModel
+from .config import SFT, Recipe, RecipeError, RewardModel
 
 
 def with_value_head(adapted_model) -> AutoModelForCausalLMWithValueHead:
@@ -59,10 +59,6 @@ def ppo_step(trainer: PPOTrainer, queries: list[torch.Tensor], responses: list[t
     return {k: float(v) for k, v in stats.items() if np.ndim(v) == 0}
 
 
-def kl_coef(trainer: PPOTrainer) -> float:
-    """The KL coefficient the next step will use (the adaptive controller's current value)."""
-    return float(trainer.kl_ctl.value)
-
 
 def trainer_state(trainer: PPOTrainer) -> dict:
     """A detached copy of everything PPO changes as it trains, to checkpoint or roll back to.
@@ -86,7 +82,8 @@ def load_trainer_state(trainer: PPOTrainer, state: dict) -> None:
     params = dict(trainer.model.named_parameters())
     missing = sorted(set(n for n, p in params.items() if p.requires_grad) ^ set(state["params"]))
     if missing:
-        raise ValueError(f"the saved trainable parameters do not match the policy (e.g. {missing[0]})")
+        raise RecipeError(f"the checkpoint's trainable parameters do not match the policy (e.g. {missing[0]}); "
+                          "resume with the recipe the run was trained with")
     with torch.no_grad():
         for name, value in state["params"].items():
             params[name].copy_(value)
@@ -122,10 +119,20 @@ def train_sft(model, tokenizer, texts: list[str], cfg: SFT, seed: int, work_dir:
     data = Dataset.from_dict({"text": [t + tokenizer.eos_token for t in texts]})
     args = SFTConfig(**_trainer_args(cfg, seed, work_dir), dataset_text_field="text",
                      max_seq_length=cfg.max_length, packing=False)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data, tokenizer=tokenizer)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, tokenizer=tokenizer,
+                         data_collator=lambda rows: _lm_batch(tokenizer, rows))
     trainer.remove_callback(PrinterCallback)  # a raw dict per log step; the stage prints its own summary
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def _lm_batch(tokenizer, rows: list[dict]) -> dict:
+    """Pad a batch for next-token loss, masking padding by the attention mask, not by token id:
+    TRL's default collator masks every pad id, and GPT-2's pad is its EOS, which would then
+    never be learned."""
+    batch = tokenizer.pad([{k: r[k] for k in ("input_ids", "attention_mask")} for r in rows], return_tensors="pt")
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return batch
 
 
 class _PairwiseRewardTrainer(RewardTrainer):

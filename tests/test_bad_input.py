@@ -45,6 +45,8 @@ CASES = [
     ("wrong type", ["imdb_positive", "ppo.batch_size=abc"], "ppo.batch_size expects int, got 'abc'"),
     ("value not allowed", ["imdb_positive", "policy.quantization=16bit"], "policy.quantization"),
     ("zero steps", ["imdb_positive", "run.steps=0"], "run.steps must be > 0"),
+    ("option TRL cannot run", ["imdb_positive", "ppo.use_score_scaling=true"], "ppo.use_score_scaling is broken"),
+    ("judge not importable", ["imdb_positive", "eval.judge=nosuch.mod:fn"], "eval.judge: cannot import"),
     ("batch not divisible", ["imdb_positive", "ppo.batch_size=10"], "ppo.batch_size must be a multiple of"),
     ("min above max tokens", ["imdb_positive", "generation.response_min_tokens=9"], "generation.response_"),
     ("missing model path", ["imdb_positive", "policy.model=/no/such/dir"], "policy.model: local path '/no/such/dir' does not exist"),
@@ -68,6 +70,7 @@ CASES = [
      "--resume: ppo.learning_rate is 0.5"),
     ("resume and overwrite", ["imdb_positive", "run.output_dir={ws}/done", "run.overwrite=true", "--resume"],
      "contradict"),
+    ("stage the recipe lacks", ["imdb_positive", "--stage", "sft"], "has no sft stage"),
 ]
 
 

@@ -88,6 +88,25 @@ def test_a_signal_checkpoints_exits_non_zero_and_says_how_to_resume(sig, tiny_di
     assert [m["step"] for m in read_metrics(out)] == list(range(1, done + 3))
 
 
+def test_a_finished_run_resumes_to_its_end_and_refuses_fewer_steps(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = args_for(tiny_dir, out, "run.steps=3", "run.checkpoint_every=2")
+    assert main(argv) == 0
+    before = read_metrics(out)
+    (out / "eval.json").unlink()  # as if killed during the final evaluation
+    assert main(argv + ["--resume"]) == 0  # nothing left to train: save and evaluate again
+    assert read_metrics(out) == before and json.loads((out / "eval.json").read_text())["after"]["step"] == 3
+    assert main(args_for(tiny_dir, out, "run.steps=2", "run.checkpoint_every=2", "--resume")) == 2
+    assert "is at step 3, past run.steps=2" in capsys.readouterr().err
+
+
+def test_the_resume_command_drops_overwrite():
+    from rlhf_recipes.run import resume_command
+
+    assert resume_command(["quickstart", "run.overwrite=true", "ppo.learning_rate=1e-4"]) == \
+        "python -m rlhf_recipes.run quickstart ppo.learning_rate=1e-4 --resume"
+
+
 def test_non_finite_rewards_are_skipped_then_stop_the_run_with_a_checkpoint(tiny_dir, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(args_for(tiny_dir, out, "reward.model=", "reward.function=rewards:nan_reward",

@@ -72,7 +72,8 @@ def test_stage_outputs_are_reused_until_an_input_changes(staged, capsys):
     recipe, _, out = staged
     weights = out / "stages" / "sft" / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
-    prepare(recipe, out, CPU)
+    ppo_lora = dataclasses.replace(recipe, policy=dataclasses.replace(recipe.policy, lora_r=4))
+    prepare(ppo_lora, out, CPU)  # PPO's LoRA settings are no input of a full SFT
     assert "sft: reusing" in capsys.readouterr().out and weights.stat().st_mtime_ns == stamp
     changed = dataclasses.replace(recipe, sft=dataclasses.replace(recipe.sft, epochs=1.0))
     prepare(changed, out, CPU, until="sft")
@@ -103,6 +104,19 @@ def test_lora_sft_merges_its_adapters_into_a_pretrained_base(tiny_dir, data, tmp
     base = AutoModelForCausalLM.from_pretrained(tiny_dir / "gpt2")
     assert not any("lora" in k for k in merged.state_dict())  # merged: a plain model again
     assert not torch.equal(merged.transformer.h[0].attn.c_attn.weight, base.transformer.h[0].attn.c_attn.weight)
+
+
+def test_sft_batches_keep_eos_even_when_it_is_the_pad_token(tiny_dir):
+    from rlhf_recipes.policy import load_tokenizer
+    from rlhf_recipes.trl_backend import _lm_batch
+
+    tokenizer = load_tokenizer("policy.model", str(tiny_dir / "gpt2"))  # GPT-2: pad is eos
+    rows = [tokenizer("a b" + tokenizer.eos_token), tokenizer("a b c d" + tokenizer.eos_token)]
+    batch = _lm_batch(tokenizer, rows)
+    eos = tokenizer.eos_token_id
+    assert tokenizer.pad_token_id == eos
+    assert (batch["labels"][0] == eos).sum() == 1  # its own EOS is learned; the padding after it is not
+    assert (batch["labels"] == -100).sum() == (batch["attention_mask"] == 0).sum() > 0
 
 
 def test_stage_settings_are_checked():
