@@ -20,9 +20,10 @@ recipe = Recipe(
     reward_model=RewardModel(dataset=str(QUICKSTART / "pairs.jsonl"), init="random",
                              learning_rate=3e-3, epochs=2.0, batch_size=32, max_length=64, heldout=200),
     reward=Reward(input="prompt+response", batch_size=256),
-    # openings of reviews, cut before any opinion word: the policy chooses the sentiment
+    # 1,000 distinct openings of reviews, whole (up to 9 words), cut before any opinion word:
+    # the policy chooses the sentiment, and no held-out prompt is ever trained on
     prompts=Prompts(dataset=str(QUICKSTART / "prompts.jsonl"), text_column="text",
-                    query_min_tokens=2, query_max_tokens=4),
+                    query_min_tokens=9, query_max_tokens=9),
     generation=Generation(response_min_tokens=4, response_max_tokens=8, top_k=0, top_p=1.0, temperature=1.0),
     # horizon counts samples: 320 lets the KL coefficient move by up to 8% a step of 128,
     # so the controller acts within this short run

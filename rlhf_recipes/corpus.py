@@ -127,15 +127,17 @@ def _first_opinion(words: list[str]) -> int:
 
 
 def openings(n: int, seed: int) -> list[dict]:
-    """n prompts: the words of a review before its first opinion word, so the policy picks the sentiment."""
+    """n distinct prompts: the words of a review before its first opinion word, so the policy
+    picks the sentiment. Distinct, so that prompts held out for evaluation are never trained on.
+    (The grammar has about 1,400; n must stay well below that.)"""
     rng = random.Random(seed)
-    out = []
-    while len(out) < n:
+    seen: dict[str, None] = {}
+    while len(seen) < n:
         words = render(plan(rng), True).split()
         first = _first_opinion(words)
         if first > 0:
-            out.append({"text": " ".join(words[:first])})
-    return out
+            seen[" ".join(words[:first])] = None
+    return [{"text": text} for text in seen]
 
 
 def train_tokenizer(texts: list[str], directory: Path, max_length: int = 64):
@@ -153,7 +155,7 @@ def train_tokenizer(texts: list[str], directory: Path, max_length: int = 64):
 
 
 def write(directory: Path, seed: int = 0, num_reviews: int = 4000, num_pairs: int = 3000,
-          num_prompts: int = 2000) -> None:
+          num_prompts: int = 1000) -> None:
     """Everything the quickstart recipe reads: reviews.jsonl, pairs.jsonl, prompts.jsonl and base/."""
     from transformers import GPT2Config
 
