@@ -15,7 +15,6 @@ Nothing is pickled: tensors go to safetensors, everything else to JSON.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -26,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from .rundir import atomic_dir, jsonl, read_jsonl
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"step-(\d{8})")
@@ -53,17 +54,10 @@ def save(out: Path, step: int, state: dict, metrics: list[dict], keep: int) -> P
     tensors: dict[str, torch.Tensor] = {}
     layout = _split({**state, "rng": rng_state()}, "", tensors)
     final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    tmp.mkdir()
-    save_file(tensors, tmp / "tensors.safetensors")
-    (tmp / "metrics.jsonl").write_text("".join(json.dumps(m, allow_nan=True) + "\n" for m in metrics))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "state": layout}, allow_nan=True))
-    for f in tmp.iterdir():
-        _fsync(f)
-    if final.exists():  # only when a run is resumed from an older checkpoint than this one
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync(root)
+    with atomic_dir(final) as tmp:
+        save_file(tensors, tmp / "tensors.safetensors")
+        (tmp / "metrics.jsonl").write_text(jsonl(metrics))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "state": layout}, allow_nan=True))
     for old in complete(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -85,8 +79,7 @@ def latest(out: Path) -> Checkpoint | None:
     path = paths[-1]
     saved = json.loads((path / "state.json").read_text())
     state = _join(saved["state"], load_file(path / "tensors.safetensors"))
-    metrics = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line]
-    return Checkpoint(path=path, step=saved["step"], state=state, metrics=metrics)
+    return Checkpoint(path=path, step=saved["step"], state=state, metrics=read_jsonl(path / "metrics.jsonl"))
 
 
 def rng_state() -> dict:
@@ -135,10 +128,3 @@ def _join(layout: Any, tensors: dict[str, torch.Tensor]) -> Any:
         return [_join(v, tensors) for v in layout]
     return layout
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

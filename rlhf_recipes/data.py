@@ -97,7 +97,9 @@ def _load_dataset(section: str, dataset: str, split: str, subset: str | None):
             raise RecipeError(f"{key}: local file {dataset!r} does not exist; fix the path") from None
         raise RecipeError(describe_missing(key, dataset)) from None
     except ValueError as err:  # e.g. a split that does not exist
-        raise RecipeError(f"{section}: {first_line(err)}; check {section}.split and {section}.subset") from None
+        has_subset = subset is not None or section == "prompts"  # the stages' sections have no subset
+        fields = f"{section}.split and {section}.subset" if has_subset else f"{section}.split"
+        raise RecipeError(f"{section}: {first_line(err)}; check {fields}") from None
 
 
 def _field(row: dict[str, Any], path: str) -> Any:

@@ -30,7 +30,7 @@ from .policy import build_policy, load_tokenizer
 from .recipe import apply_overrides, resolve_callable
 from .report import summary_line, write_report
 from .reward import build_reward, reward_inputs
-from .rollout import decode_pairs, generate, pad_batch
+from .rollout import decode_pairs, evaluating, generate, pad_batch
 from .rundir import EVAL, HELDOUT, MODEL, RECIPE, load_policy_weights, read_heldout, read_metrics
 
 KL_AT_START_TOLERANCE = 1e-6
@@ -76,7 +76,7 @@ def evaluate(model, tokenizer, reward_fn, queries: list[torch.Tensor], recipe: R
     """
     saved = random.getstate(), np.random.get_state()
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), evaluating(model):
             return _evaluate(model, tokenizer, reward_fn, queries, recipe, device, step, check_reference)
     finally:
         random.setstate(saved[0])
@@ -85,8 +85,6 @@ def evaluate(model, tokenizer, reward_fn, queries: list[torch.Tensor], recipe: R
 
 def _evaluate(model, tokenizer, reward_fn, queries, recipe, device, step, check_reference) -> dict:
     ev, gen = recipe.eval, recipe.generation
-    was_training = model.training
-    model.eval()
     lengths = np.random.default_rng(ev.seed).integers(
         gen.response_min_tokens, gen.response_max_tokens + 1, size=len(queries)).tolist()
     gen = dataclasses.replace(gen, batch_size=ev.batch_size)
@@ -109,7 +107,6 @@ def _evaluate(model, tokenizer, reward_fn, queries, recipe, device, step, check_
         sides[side]["entropy"] = ent if side == "policy" else ref_ent
         if side == "policy":
             sides[side]["kl"] = kl
-    model.train(was_training)
 
     ref, pol = sides["reference"], sides["policy"]
     keys = ("reward", "kl", "length", "distinct_1", "distinct_2", "entropy", "judged")

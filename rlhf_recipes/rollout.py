@@ -1,6 +1,8 @@
 """Sampling responses from the policy: batched, plain sampling, per-sample lengths."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import GenerationConfig
 
@@ -46,7 +48,18 @@ def sampling_config(gen: Generation, max_new_tokens: int, tokenizer) -> Generati
                             eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
 
 
-@torch.no_grad()
+@contextlib.contextmanager
+def evaluating(model):
+    """Eval mode (no dropout) and no gradients inside; the model's own mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
 def generate(model, tokenizer, queries: list[torch.Tensor], lengths: list[int], gen: Generation,
              device: torch.device) -> list[torch.Tensor]:
     """One response per query, `lengths[i]` tokens at most, in batches of gen.batch_size.
@@ -54,19 +67,17 @@ def generate(model, tokenizer, queries: list[torch.Tensor], lengths: list[int], 
     Sampling is in eval mode: TRL leaves the model training, and in train mode dropout is
     live and gradient checkpointing drops the KV cache, so each token would see one token.
     """
-    was_training = model.training
-    model.eval()
     chunk = gen.batch_size or len(queries)
     responses: list[torch.Tensor] = []
-    for start in range(0, len(queries), chunk):
-        qs, ls = queries[start:start + chunk], lengths[start:start + chunk]
-        ids, mask = pad_batch(qs, tokenizer.pad_token_id, side="left")
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             generation_config=sampling_config(gen, max(ls), tokenizer),
-                             use_model_defaults=False)  # else the model's own defaults fill our unset fields
-        new = out[:, ids.shape[1]:].cpu()
-        responses.extend(cut_response(row, n, tokenizer.eos_token_id) for row, n in zip(new, ls))
-    model.train(was_training)
+    with evaluating(model):
+        for start in range(0, len(queries), chunk):
+            qs, ls = queries[start:start + chunk], lengths[start:start + chunk]
+            ids, mask = pad_batch(qs, tokenizer.pad_token_id, side="left")
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 generation_config=sampling_config(gen, max(ls), tokenizer),
+                                 use_model_defaults=False)  # else the model's own defaults fill our unset fields
+            new = out[:, ids.shape[1]:].cpu()
+            responses.extend(cut_response(row, n, tokenizer.eos_token_id) for row, n in zip(new, ls))
     return responses
 
 

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -78,9 +79,7 @@ def start_output_dir(out: Path, recipe: Recipe, replace: bool) -> None:
             if old.name != STAGES:
                 shutil.rmtree(old) if old.is_dir() else old.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".tmp-{RECIPE}"
-    tmp.write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
-    os.replace(tmp, out / RECIPE)
+    write_atomic(out / RECIPE, json.dumps(recipe.to_dict(), indent=2) + "\n")
 
 
 def save_policy(model, tokenizer, directory: Path) -> None:
@@ -88,30 +87,49 @@ def save_policy(model, tokenizer, directory: Path) -> None:
 
     Written beside `directory` and renamed into place: an interrupted save leaves the old one.
     """
-    for stale in [*directory.parent.glob(f".tmp-{directory.name}-*"), *directory.parent.glob(f".old-{directory.name}-*")]:
-        shutil.rmtree(stale, ignore_errors=True)  # left by a run that was killed mid-save
-    tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
+    with atomic_dir(directory) as tmp:
+        model.pretrained_model.save_pretrained(tmp)
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.v_head.state_dict().items()}, tmp / VALUE_HEAD)
+        tokenizer.save_pretrained(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path):
+    """A fresh directory to fill, which replaces `target` (synced to disk, in one rename) when
+    the block ends, and is removed if it fails: a crash never leaves a half-written `target`.
+    Temporaries left beside `target` by a killed process are removed first."""
+    for stale in [*target.parent.glob(f".tmp-{target.name}-*"), *target.parent.glob(f".old-{target.name}-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp, old = (target.with_name(f".{kind}-{target.name}-{os.getpid()}") for kind in ("tmp", "old"))
     tmp.mkdir(parents=True)
-    model.pretrained_model.save_pretrained(tmp)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.v_head.state_dict().items()}, tmp / VALUE_HEAD)
-    tokenizer.save_pretrained(tmp)
-    replace_dir(tmp, directory)
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync(f)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        _fsync(target.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
-def replace_dir(new: Path, target: Path) -> None:
-    """Put directory `new` where `target` is, never leaving neither of them in place."""
-    old = target.with_name(f".old-{target.name}-{os.getpid()}")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
+def write_atomic(path: Path, text: str) -> None:
+    """Replace the file at `path` with `text` in one rename."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def jsonl(records: list[dict]) -> str:
+    return "".join(json.dumps(r, allow_nan=True) + "\n" for r in records)
 
 
 def write_metrics(out: Path, records: list[dict]) -> None:
     """Replace metrics.jsonl with `records` in one rename (resuming drops steps after the checkpoint)."""
-    tmp = out / f".tmp-{METRICS}"
-    tmp.write_text("".join(json.dumps(r, allow_nan=True) + "\n" for r in records))
-    os.replace(tmp, out / METRICS)
+    write_atomic(out / METRICS, jsonl(records))
 
 
 def load_policy_weights(model, directory: Path) -> None:
@@ -134,8 +152,20 @@ def read_heldout(out: Path) -> list[torch.Tensor]:
 
 def read_metrics(out: Path) -> list[dict]:
     """The per-step records of a run's metrics.jsonl."""
-    path = out / METRICS
+    return read_jsonl(out / METRICS)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file (none if it is missing), dropping a last line torn by a crash."""
     lines = path.read_text().splitlines() if path.exists() else []
-    if lines and not lines[-1].endswith("}"):  # a line torn by a crash mid-write
+    if lines and not lines[-1].endswith("}"):
         lines.pop()
     return [json.loads(line) for line in lines if line.strip()]
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -15,7 +15,6 @@ import dataclasses
 import glob
 import hashlib
 import json
-import os
 import shutil
 import time
 from importlib.metadata import version
@@ -32,7 +31,8 @@ from .console import console
 from .data import load_columns, no_progress_bars
 from .loading import load_pretrained
 from .policy import DTYPES, add_lora, load_tokenizer
-from .rundir import STAGES, replace_dir
+from .rollout import evaluating
+from .rundir import STAGES, atomic_dir
 
 STAGE_FILE = "stage.json"
 
@@ -127,54 +127,45 @@ def _reward_model(recipe: Recipe, base: str, tmp: Path, device: torch.device) ->
 
 
 # ---------------------------------------------------------------------------- measures
-@torch.no_grad()
 def heldout_loss(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 64) -> float:
     """Mean next-token cross-entropy (nats) over the tokens of `texts`, each ending in EOS."""
-    was_training, device = model.training, next(model.parameters()).device
-    model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer([t + tokenizer.eos_token for t in texts[start:start + batch_size]], padding=True,
-                          truncation=True, max_length=max_length, return_tensors="pt").to(device)
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        n = int((labels[:, 1:] != -100).sum())
-        total += float(model(**batch, labels=labels).loss) * n
-        count += n
-    model.train(was_training)
+    with evaluating(model):
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer([t + tokenizer.eos_token for t in texts[start:start + batch_size]], padding=True,
+                              truncation=True, max_length=max_length, return_tensors="pt").to(device)
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            n = int((labels[:, 1:] != -100).sum())
+            total += float(model(**batch, labels=labels).loss) * n
+            count += n
     return total / max(count, 1)
 
 
-@torch.no_grad()
 def pair_accuracy(model, tokenizer, pairs: list[tuple[str, str]], max_length: int, batch_size: int = 64) -> float:
     """Share of pairs whose chosen text the one-output classifier scores above the rejected one."""
-    was_training, device = model.training, next(model.parameters()).device
-    model.eval()
+    device = next(model.parameters()).device
     wins = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        scores = [model(**tokenizer([p[i] for p in chunk], padding=True, truncation=True, max_length=max_length,
-                                    return_tensors="pt").to(device)).logits[:, 0] for i in (0, 1)]
-        wins.append(scores[0] > scores[1])
-    model.train(was_training)
+    with evaluating(model):
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            scores = [model(**tokenizer([p[i] for p in chunk], padding=True, truncation=True, max_length=max_length,
+                                        return_tensors="pt").to(device)).logits[:, 0] for i in (0, 1)]
+            wins.append(scores[0] > scores[1])
     return float(torch.cat(wins).float().mean()) if wins else float("nan")
 
 
 # ---------------------------------------------------------------------------- caching
 def _build(target: Path, fingerprint: str, run) -> None:
     """Run a stage into a temporary directory and rename it into place with its stage.json."""
-    for stale in target.parent.glob(f".tmp-{target.name}-*"):  # left by a run that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
-    tmp.mkdir(parents=True)
     try:
-        t0 = time.perf_counter()
-        measured = run(tmp)
-        shutil.rmtree(tmp / "trainer", ignore_errors=True)
-        record = {"fingerprint": fingerprint, "seconds": round(time.perf_counter() - t0, 1), **measured}
-        (tmp / STAGE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        replace_dir(tmp, target)
+        with atomic_dir(target) as tmp:
+            t0 = time.perf_counter()
+            measured = run(tmp)
+            shutil.rmtree(tmp / "trainer", ignore_errors=True)
+            record = {"fingerprint": fingerprint, "seconds": round(time.perf_counter() - t0, 1), **measured}
+            (tmp / STAGE_FILE).write_text(json.dumps(record, indent=2) + "\n")
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         for empty in (target.parent, target.parent.parent):  # a failed first stage leaves no trace
             if empty.is_dir() and not any(empty.iterdir()):
                 empty.rmdir()
