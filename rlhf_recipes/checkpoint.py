@@ -4,8 +4,8 @@
         tensors.safetensors  trainable parameters (LoRA, value head), optimizer and RNG tensors
         metrics.jsonl        the per-step records up to this step
         state.json           the rest: step, KL coefficient, running reward moments, python and
-                             numpy RNG, skipped batches, evaluations so far, and where each
-                             tensor belongs
+                             numpy RNG (one set per process), skipped batches, evaluations so
+                             far, and where each tensor belongs
 
 A checkpoint is written into a hidden temporary directory and renamed into place, so a
 directory named step-N is always complete; a crash mid-write leaves only the temporary
@@ -26,7 +26,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .rundir import atomic_dir, jsonl, read_jsonl
+from .config import RecipeError
+from .console import console
+from .rundir import RECIPE, atomic_dir, check_same_recipe, jsonl, read_jsonl
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"step-(\d{8})")
@@ -42,17 +44,18 @@ class Checkpoint:
     metrics: list[dict]
 
 
-def save(out: Path, step: int, state: dict, metrics: list[dict], keep: int) -> Path:
+def save(out: Path, step: int, state: dict, metrics: list[dict], keep: int, rngs: list[dict] | None = None) -> Path:
     """Write `state` (a JSON-able dict that may hold tensors) as the checkpoint for `step`.
 
-    The RNG states are captured here, so call this at the point the run resumes from.
+    rngs: each process's rng_state(), in rank order; by default this process's, captured
+    now, so call this at the point the run resumes from.
     """
     root = out / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):  # left by a crash mid-write
         shutil.rmtree(stale, ignore_errors=True)
     tensors: dict[str, torch.Tensor] = {}
-    layout = _split({**state, "rng": rng_state()}, "", tensors)
+    layout = _split({**state, "rng": rngs or [rng_state()]}, "", tensors)
     final = root / f"step-{step:08d}"
     with atomic_dir(final) as tmp:
         save_file(tensors, tmp / "tensors.safetensors")
@@ -82,6 +85,25 @@ def latest(out: Path) -> Checkpoint | None:
     return Checkpoint(path=path, step=saved["step"], state=state, metrics=read_jsonl(path / "metrics.jsonl"))
 
 
+def resume_point(out: Path, recipe, processes: int) -> Checkpoint | None:
+    """The checkpoint to resume from, after checking the recipe and process count are the run's."""
+    if not (out / RECIPE).is_file():
+        console.print(f"--resume: nothing to resume in {out}; starting a new run")
+        return None
+    check_same_recipe(out, recipe)
+    saved = latest(out)
+    if saved is None:
+        console.print(f"--resume: the run in {out} has no checkpoint yet; starting it again from step 0")
+    elif saved.step > recipe.run.steps:
+        raise RecipeError(f"--resume: the run in {str(out)!r} is at step {saved.step}, past run.steps="
+                          f"{recipe.run.steps}; resume with run.steps>={saved.step}")
+    elif saved.state.get("processes", 1) != processes:
+        raise RecipeError(f"--resume: the run in {str(out)!r} was trained by {saved.state.get('processes', 1)} "
+                          f"process(es), not {processes}; resume it with as many (accelerate launch --num_processes "
+                          "N), since each step's batch is split between them")
+    return saved
+
+
 def rng_state() -> dict:
     """Python's, numpy's and torch's (CPU and CUDA) global generator states."""
     version, internal, gauss = random.getstate()
@@ -90,6 +112,12 @@ def rng_state() -> dict:
             "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def rng_of(saved: Checkpoint, rank: int) -> dict:
+    """The RNG states process `rank` had when `saved` was written."""
+    rngs = saved.state["rng"]
+    return rngs[rank] if isinstance(rngs, list) else rngs  # a dict: written before there were processes
 
 
 def set_rng_state(state: dict) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -11,7 +12,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.markup import escape
 from rich.table import Table
 
-console = Console(highlight=False)
+# under `accelerate launch` only the main process (rank 0) speaks
+console = Console(highlight=False, quiet=os.environ.get("RANK", "0") != "0")
 
 
 def append_jsonl(path: Path, record: dict) -> None:

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import PartialState
 
-from . import stages
+from . import distributed, stages
 from .config import SECTIONS, Recipe, RecipeError
 from .metrics import distinct_n, masked_mean, sequence_kl, summarize, token_entropy, token_logprobs, win_rate
 from .policy import build_policy, load_tokenizer
@@ -157,7 +156,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
         if not (out / needed).exists():
             raise RecipeError(f"{str(out)!r} is not a finished run: {needed} is missing; give a run's output_dir")
     recipe = apply_overrides(recipe_from_dict(json.loads((out / RECIPE).read_text())), overrides or [])
-    device = PartialState().device
+    device = distributed.init().device
     recipe = stages.prepare(recipe, out, device, train=False)  # the SFT and reward models it trained with
     tokenizer = load_tokenizer("policy.model", str(out / MODEL))
     queries = read_heldout(out)

@@ -54,8 +54,9 @@ def build_policy(cfg: Policy, device: torch.device):
     base = load_pretrained(
         "policy.model", AutoModelForCausalLM.from_pretrained, cfg.model, config=config,
         dtype=DTYPES[cfg.dtype], quantization_config=quant, trust_remote_code=cfg.trust_remote_code,
-        # each process places its own copy: device_map="auto" spreads a model over GPUs and breaks DDP
-        device_map={"": device} if quant else None)
+        # each process places its own copy: device_map="auto" spreads a model over GPUs and breaks DDP.
+        # A CPU process's device is cpu:RANK, which transformers would read as GPU number RANK
+        device_map={"": "cpu" if device.type == "cpu" else device} if quant else None)
     if quant:
         # gradient checkpointing is the PPO section's choice; TRL switches it on there
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)

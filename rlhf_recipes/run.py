@@ -1,12 +1,14 @@
 """The command line: `python -m rlhf_recipes.run RECIPE [section.field=value ...] [--dry-run] [--resume]`.
 
 A thin shell over `load_recipe`, `apply_overrides` and `train`. Input the user can fix
-ends with one line on stderr and exit code 2, never a traceback.
+ends with one line on stderr and exit code 2, never a traceback. The same command runs on
+several processes under `accelerate launch [--num_processes N] -m rlhf_recipes.run ...`.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 
@@ -46,16 +48,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(json.dumps(recipe.to_dict(), indent=2))
             return 0
+        from . import distributed  # heavy imports only past the dry run
+
+        distributed.init()  # before any model is loaded
         if args.stage:
             return _run_stages(recipe, args.stage)
-        from .train import train  # heavy imports only when training
+        from .train import train
 
         train(recipe, resume=args.resume)
     except RecipeError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{_who()}error: {err}", file=sys.stderr)
         return 2
-    except RunStopped as stop:
-        print(f"error: {stop}; to continue: {resume_command(argv)}", file=sys.stderr)
+    except RunStopped as stop:  # the processes stop together: the main one says so
+        if not _who():
+            print(f"error: {stop}; to continue: {resume_command(argv)}", file=sys.stderr)
         return stop.exit_code
     except KeyboardInterrupt:
         print(f"error: interrupted; the newest checkpoint, if any, resumes with: {resume_command(argv)}",
@@ -64,27 +70,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _who() -> str:
+    """'' on the main process; 'rank N: ' on the others, whose own errors would otherwise go unseen."""
+    rank = os.environ.get("RANK", "0")
+    return "" if rank == "0" else f"rank {rank}: "
+
+
 def _run_stages(recipe, until: str) -> int:
     from pathlib import Path
 
-    from accelerate import PartialState
-
-    from .stages import prepare
-
+    from . import distributed
     from .rundir import check_output_dir
+    from .stages import prepare
 
     if getattr(recipe, until) is None:
         raise RecipeError(f"--stage {until}: recipe {recipe.name!r} has no {until} stage")
     check_output_dir(Path(recipe.run.output_dir), overwrite=False, resume=True)  # a run's directory is fine
-    prepare(recipe, Path(recipe.run.output_dir), PartialState().device, until=until)
+    prepare(recipe, Path(recipe.run.output_dir), distributed.init().device, until=until)
     return 0
 
 
 def resume_command(argv: list[str] | None) -> str:
-    """The command line that continues this run."""
+    """The command line that continues this run (under accelerate launch with as many processes)."""
     args = [a for a in (sys.argv[1:] if argv is None else argv)
             if a != "--resume" and not a.startswith("run.overwrite=")]  # resuming never overwrites
-    return shlex.join(["python", "-m", "rlhf_recipes.run", *args, "--resume"])
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = ["python"] if processes == 1 else ["accelerate", "launch", "--num_processes", str(processes)]
+    return shlex.join([*launcher, "-m", "rlhf_recipes.run", *args, "--resume"])
 
 
 if __name__ == "__main__":

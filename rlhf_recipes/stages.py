@@ -16,6 +16,7 @@ import glob
 import hashlib
 import json
 import shutil
+import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
 
-from . import trl_backend
+from . import distributed, trl_backend
 from .config import Recipe, RecipeError
 from .console import console
 from .data import load_columns, no_progress_bars
@@ -157,18 +158,29 @@ def pair_accuracy(model, tokenizer, pairs: list[tuple[str, str]], max_length: in
 
 # ---------------------------------------------------------------------------- caching
 def _build(target: Path, fingerprint: str, run) -> None:
-    """Run a stage into a temporary directory and rename it into place with its stage.json."""
+    """Run a stage into a temporary directory and rename it into place with its stage.json.
+
+    Under `accelerate launch` every process trains (the Trainer shards the data and averages
+    the gradients), the main one writes, and the others wait until it has.
+    """
+    if not distributed.is_main():
+        with tempfile.TemporaryDirectory() as scratch:
+            run(Path(scratch))
+        distributed.barrier()
+        return
     try:
         with atomic_dir(target) as tmp:
             t0 = time.perf_counter()
             measured = run(tmp)
             shutil.rmtree(tmp / "trainer", ignore_errors=True)
-            record = {"fingerprint": fingerprint, "seconds": round(time.perf_counter() - t0, 1), **measured}
+            record = {"fingerprint": fingerprint, "seconds": round(time.perf_counter() - t0, 1),
+                      "processes": distributed.world()[1], **measured}
             (tmp / STAGE_FILE).write_text(json.dumps(record, indent=2) + "\n")
     finally:
         for empty in (target.parent, target.parent.parent):  # a failed first stage leaves no trace
             if empty.is_dir() and not any(empty.iterdir()):
                 empty.rmdir()
+    distributed.barrier()
 
 
 def _cached(target: Path) -> str | None:

@@ -69,7 +69,7 @@ def trainer_state(trainer: PPOTrainer) -> dict:
     """
     running = trainer.running
     return {
-        "params": {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad},
+        "params": {n: p.detach().clone() for n, p in _policy(trainer).named_parameters() if p.requires_grad},
         "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
         "lr_scheduler": copy.deepcopy(trainer.lr_scheduler.state_dict()) if trainer.lr_scheduler else None,
         "kl_coef": float(trainer.kl_ctl.value),
@@ -79,7 +79,7 @@ def trainer_state(trainer: PPOTrainer) -> dict:
 
 def load_trainer_state(trainer: PPOTrainer, state: dict) -> None:
     """Put `trainer` back into `state` (from trainer_state, or a checkpoint read from disk)."""
-    params = dict(trainer.model.named_parameters())
+    params = dict(_policy(trainer).named_parameters())
     missing = sorted(set(n for n, p in params.items() if p.requires_grad) ^ set(state["params"]))
     if missing:
         raise RecipeError(f"the checkpoint's trainable parameters do not match the policy (e.g. {missing[0]}); "
@@ -93,6 +93,11 @@ def load_trainer_state(trainer: PPOTrainer, state: dict) -> None:
     trainer.kl_ctl.value = state["kl_coef"]
     for key, value in state["running"].items():
         setattr(trainer.running, key, value)
+
+
+def _policy(trainer: PPOTrainer):
+    """The policy without accelerate's wrapper (DDP's adds 'module.' to every parameter name)."""
+    return trainer.accelerator.unwrap_model(trainer.model)
 
 
 def step_is_finite(trainer: PPOTrainer, stats: dict[str, float]) -> bool:
@@ -109,7 +114,8 @@ def _trainer_args(cfg: SFT | RewardModel, seed: int, work_dir: Path) -> dict:
     return dict(output_dir=str(work_dir), learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs,
                 per_device_train_batch_size=cfg.batch_size, lr_scheduler_type="cosine", warmup_ratio=0.05,
                 weight_decay=0.0, seed=seed, logging_steps=10, save_strategy="no", report_to="none",
-                disable_tqdm=True, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available())
+                disable_tqdm=True, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
+                ddp_find_unused_parameters=False)  # under accelerate launch: every weight is used
 
 
 def train_sft(model, tokenizer, texts: list[str], cfg: SFT, seed: int, work_dir: Path) -> list[float]:

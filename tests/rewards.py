@@ -1,5 +1,7 @@
 """Reward functions for tests, importable as reward.function=rewards:NAME (tests/ is on sys.path)."""
+import json
 import math
+import os
 
 
 def nan_reward(texts):
@@ -8,3 +10,10 @@ def nan_reward(texts):
 
 def length_reward(texts):
     return [len(t) / 50 for t in texts]
+
+
+def logged_length_reward(texts):
+    """length_reward, and each call's texts appended to $REWARD_LOG.rank-$RANK as one JSON line."""
+    with open(f"{os.environ['REWARD_LOG']}.rank-{os.environ.get('RANK', '0')}", "a") as log:
+        log.write(json.dumps(list(texts)) + "\n")
+    return length_reward(texts)

@@ -170,7 +170,7 @@ def test_rng_states_survive_a_trip_through_json_and_safetensors(tmp_path):
     checkpoint.save(tmp_path, 1, {}, [], keep=1)
     draws = lambda: (torch.rand(3).tolist(), np.random.rand(), random.random())  # noqa: E731
     expected = draws()
-    checkpoint.set_rng_state(checkpoint.latest(tmp_path).state["rng"])
+    checkpoint.set_rng_state(checkpoint.rng_of(checkpoint.latest(tmp_path), 0))
     assert draws() == expected
 
 

@@ -1,0 +1,22 @@
+"""Run by tests/test_distributed.py under `accelerate launch`: train a recipe through the Python
+API, then save this process's trainable parameters to DUMP_DIR/rank-R.safetensors.
+
+    accelerate launch ... tests/ddp_worker.py DUMP_DIR RECIPE [section.field=value ...]
+"""
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from rlhf_recipes import distributed
+from rlhf_recipes.recipe import apply_overrides, load_recipe
+
+if __name__ == "__main__":
+    dump, name, overrides = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+    distributed.init()  # before any model is loaded, as the command line does
+    from rlhf_recipes.train import train
+
+    result = train(apply_overrides(load_recipe(name), overrides))
+    rank, _ = distributed.world()
+    save_file({n: p.detach().cpu().contiguous() for n, p in result.policy.named_parameters() if p.requires_grad},
+              dump / f"rank-{rank}.safetensors")

@@ -1,0 +1,141 @@
+"""Two CPU processes over gloo under the real `accelerate launch`: DDP as it runs on several GPUs.
+
+Each launch costs about 35 s (two processes importing TRL on two cores), so the runs are
+shared: one quickstart run through the Python API (tests/ddp_worker.py, which dumps each
+process's trainable parameters), the same run stopped and resumed through the command line,
+and an 8-bit run that logs what each process scored.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import local_overrides
+from rlhf_recipes.checkpoint import latest
+from rlhf_recipes.data import batch_indices, load_prompts
+from rlhf_recipes.policy import load_tokenizer
+from rlhf_recipes.recipe import apply_overrides, load_recipe
+from rlhf_recipes.rollout import decode_pairs
+from rlhf_recipes.run import main
+
+TESTS = Path(__file__).parent
+PER_PROCESS = 8
+# the quickstart with its stages cut to seconds, three PPO steps of 2 x 8, a checkpoint each step
+QUICKSTART = ["sft.epochs=0.1", "sft.heldout=50", "reward_model.epochs=0.1", "reward_model.heldout=50",
+              f"ppo.batch_size={PER_PROCESS}", "ppo.mini_batch_size=4", "ppo.ppo_epochs=2", "eval.num_prompts=16",
+              "eval.every=2", "run.checkpoint_every=1", "run.sample_every=0"]
+
+
+def launch(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch` with two CPU processes: the multi-GPU launcher is the one that starts
+    both without MPI; rlhf_recipes.distributed makes them CPU processes over gloo."""
+    with socket.socket() as s:  # a free port, so a lingering launch cannot collide
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port), *args]
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), **(env or {})}
+    done = subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def trainable(path: Path) -> dict[str, torch.Tensor]:
+    """LoRA and value-head tensors, named as the saved adapter names them."""
+    return {k.removeprefix("pretrained_model.").replace(".default", ""): v for k, v in load_file(path).items()}
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def api_run(tmp_path_factory):
+    """The shortened quickstart, 3 steps on 2 processes, through train(); each rank's parameters dumped."""
+    root = tmp_path_factory.mktemp("ddp")
+    out = root / "run"
+    launch(str(TESTS / "ddp_worker.py"), str(root), "quickstart", *QUICKSTART, "run.steps=3", f"run.output_dir={out}")
+    return root, out
+
+
+def test_processes_hold_identical_policies_that_trained(api_run):
+    root, out = api_run
+    ranks = [trainable(root / f"rank-{r}.safetensors") for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys() and any("lora_B" in k for k in ranks[0])
+    for name, value in ranks[0].items():
+        assert torch.equal(value, ranks[1][name]), f"{name} differs between the processes"
+    assert any(v.abs().sum() > 0 for k, v in ranks[0].items() if "lora_B" in k)  # LoRA B starts at 0: it learned
+    saved = load_file(out / "model" / "adapter_model.safetensors")
+    for name, value in saved.items():
+        assert torch.equal(value, ranks[0][name])
+
+
+def test_the_batch_is_split_and_only_the_main_process_writes(api_run):
+    _, out = api_run
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]  # one writer: no line twice
+    assert all(r["env/batch_size"] == 2 * PER_PROCESS for r in rows)  # effective batch = per process x 2
+    for stage in ("sft", "reward_model"):  # both processes trained each stage together; one wrote it
+        assert json.loads((out / "stages" / stage / "stage.json").read_text())["processes"] == 2
+    saved = latest(out)
+    assert saved.step == 3 and saved.state["processes"] == 2
+    rngs = saved.state["rng"]
+    assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])  # each samples its own
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert [e["step"] for e in evaluation["during"]] == [2] and evaluation["after"]["step"] == 3
+    assert not list(out.rglob(".tmp-*"))
+
+
+def test_resume_on_two_processes_continues_the_run_exactly(api_run, tmp_path):
+    _, uninterrupted = api_run
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted / "stages", out / "stages")  # the same inputs: reused, not retrained
+    args = ["-m", "rlhf_recipes.run", "quickstart", *QUICKSTART, f"run.output_dir={out}"]
+    first = launch(*args, "run.steps=2")
+    assert "sft: reusing" in first.stdout and "reward_model: reusing" in first.stdout
+    launch(*args, "run.steps=3", "--resume")
+
+    assert trainable(out / "model" / "adapter_model.safetensors").keys()
+    for name, value in load_file(out / "model" / "adapter_model.safetensors").items():
+        assert torch.equal(value, load_file(uninterrupted / "model" / "adapter_model.safetensors")[name]), name
+    timeless = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
+    assert timeless(metrics(out)) == timeless(metrics(uninterrupted))
+
+    # a different number of processes would split the batches differently: refused, nothing touched
+    before = (out / "metrics.jsonl").read_bytes()
+    assert main(["quickstart", *QUICKSTART, f"run.output_dir={out}", "run.steps=4", "--resume"]) == 2
+    assert (out / "metrics.jsonl").read_bytes() == before
+
+
+def test_8bit_policy_on_each_process_scores_its_own_share_of_the_batch(tiny_dir, tmp_path):
+    log, steps = tmp_path / "rewards", 2
+    overrides = [*local_overrides("imdb_positive", tiny_dir), "policy.quantization=8bit", "reward.model=",
+                 "reward.function=rewards:logged_length_reward", "ppo.batch_size=4", "ppo.mini_batch_size=2",
+                 "ppo.ppo_epochs=2", f"run.steps={steps}", "eval.num_prompts=8", "generation.response_min_tokens=4",
+                 "generation.response_max_tokens=8", f"run.output_dir={tmp_path / 'run'}"]
+    launch(str(TESTS / "ddp_worker.py"), str(tmp_path), "imdb_positive", *overrides, env={"REWARD_LOG": str(log)})
+
+    calls = [[json.loads(line) for line in Path(f"{log}.rank-{r}").read_text().splitlines()] for r in (0, 1)]
+    assert len(calls[1]) == steps  # evaluations (the main process's other calls) run on the main process only
+    training = [[texts for texts in c if len(texts) == 4] for c in calls]
+    # rank r scored prompts [4r, 4r + 4) of each step's batch of 8
+    recipe = apply_overrides(load_recipe("imdb_positive"), overrides)
+    tokenizer = load_tokenizer("policy.model", recipe.policy.model)
+    prompts = load_prompts(recipe.prompts, tokenizer, recipe.eval.num_prompts, recipe.run.seed)
+    for step in range(steps):
+        batch = batch_indices(len(prompts.train), 8, step, recipe.run.seed)
+        for rank in (0, 1):
+            queries = [prompts.train[i] for i in batch[4 * rank:4 * rank + 4]]
+            expected, _ = decode_pairs(tokenizer, queries, queries)
+            assert all(t.startswith(q) for t, q in zip(training[rank][step], expected))
+    ranks = [trainable(tmp_path / f"rank-{r}.safetensors") for r in (0, 1)]
+    assert all(torch.equal(v, ranks[1][k]) for k, v in ranks[0].items())
