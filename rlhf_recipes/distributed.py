@@ -8,11 +8,15 @@ so single-process runs pay nothing for it.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
+
+if TYPE_CHECKING:
+    from accelerate.utils import DeepSpeedPlugin
 
 
 def init() -> PartialState:
@@ -62,3 +66,52 @@ def any_process(flag: bool) -> bool:
 def barrier() -> None:
     if init().num_processes > 1:
         dist.barrier()
+
+
+def deepspeed_plugin(ppo) -> DeepSpeedPlugin | None:
+    """None unless launched with DeepSpeed; then its plugin, with the recipe's PPO section
+    filling what the config leaves "auto" and refusing what contradicts it.
+
+    TRL's PPOTrainer hands DeepSpeed no dataloader, so DeepSpeed cannot infer its micro
+    batch; and under DeepSpeed clipping is DeepSpeed's gradient_clipping, not
+    ppo.max_grad_norm. ZeRO-3 is refused: it partitions the weights, but each process
+    samples with the whole policy every step (and the main one evaluates alone).
+    """
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return None
+    from accelerate.utils import DeepSpeedPlugin
+
+    from .config import RecipeError
+
+    plugin = DeepSpeedPlugin()
+    config = plugin.deepspeed_config
+    if int(config.get("zero_optimization", {}).get("stage", 0)) == 3:
+        raise RecipeError("DeepSpeed ZeRO-3 is not supported: every process samples with the whole policy at each "
+                          "step; use accelerate/ddp.yaml or accelerate/zero2.yaml, and policy.quantization=8bit or "
+                          "4bit for a model that does not fit one GPU")
+    wanted = {"train_micro_batch_size_per_gpu": ("ppo.mini_batch_size", ppo.mini_batch_size),
+              "gradient_accumulation_steps": ("ppo.gradient_accumulation_steps", ppo.gradient_accumulation_steps),
+              "gradient_clipping": ("ppo.max_grad_norm", ppo.max_grad_norm or 0.0),  # 0: DeepSpeed does not clip
+              "train_batch_size": ("ppo.mini_batch_size x ppo.gradient_accumulation_steps x processes",
+                                   ppo.mini_batch_size * ppo.gradient_accumulation_steps * world()[1])}
+    for key, (field, value) in wanted.items():
+        given = config.get(key, "auto")
+        if given == "auto":
+            config[key] = value
+        elif float(given) != float(value):
+            raise RecipeError(f"the DeepSpeed config sets {key}={given} but {field}={value}; set it to \"auto\" "
+                              f"in the DeepSpeed config, and the recipe's {field} applies")
+    return plugin
+
+
+def live_deepspeed(plugin: DeepSpeedPlugin | None) -> DeepSpeedPlugin | None:
+    """The plugin to hand a new Accelerator: `plugin`, or None once its PPO settings are copied
+    into the plugin an earlier Accelerator (a stage's Trainer) made, which accelerate keeps."""
+    from accelerate.state import AcceleratorState
+
+    if plugin is None or AcceleratorState._shared_state == {} or AcceleratorState().deepspeed_plugin is None:
+        return plugin
+    AcceleratorState().deepspeed_plugin.deepspeed_config.update(
+        {k: plugin.deepspeed_config[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                                                 "gradient_clipping", "train_batch_size")})
+    return None

@@ -55,6 +55,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     rank, processes = distributed.world()
     main = rank == 0
     saved = checkpoint.resume_point(out, recipe, processes) if resume else None
+    deepspeed = distributed.deepspeed_plugin(recipe.ppo)  # refuses what cannot run, before minutes of loading
 
     tokenizer = load_tokenizer("policy.model", recipe.policy.model, recipe.policy.trust_remote_code)
     with distributed.init().main_process_first():  # one process fills the datasets cache
@@ -69,7 +70,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     set_seed(run.seed)  # after the stages, so a run that reuses them samples exactly as one that trained them
     reward_fn = build_reward(recipe.reward, device)
     policy = build_policy(recipe.policy, device)
-    trainer = trl_backend.make_trainer(recipe, policy, tokenizer)
+    trainer = trl_backend.make_trainer(recipe, policy, tokenizer, deepspeed)
     set_seed(run.seed, device_specific=True)  # seed + rank: each process samples its own responses
 
     def held_out(step: int, check: bool = False) -> dict:  # on the main process; the others wait for it
@@ -101,7 +102,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
 
     def save_checkpoint(done: int) -> Path:
         rngs = distributed.gather([checkpoint.rng_state()])  # each process's own, to resume its own sampling
-        state = {"trainer": trl_backend.trainer_state(trainer), "num_prompts": len(prompts.train),
+        state = {"trainer": trl_backend.trainer_state(trainer, all_processes=True), "num_prompts": len(prompts.train),
                  "processes": processes, "skipped": skipped, "bad_in_row": bad_in_row, "evaluation": evaluation}
         return distributed.from_main(checkpoint.save(out, done, state, records, run.keep_checkpoints, rngs)
                                      if main else None)

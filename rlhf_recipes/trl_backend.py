@@ -11,10 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import DistributedType
 from transformers import PrinterCallback
 from trl import (AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer, RewardConfig, RewardTrainer, SFTConfig,
                  SFTTrainer)
 
+from . import distributed
 from .config import SFT, Recipe, RecipeError, RewardModel
 
 
@@ -31,18 +33,22 @@ def with_value_head(adapted_model) -> AutoModelForCausalLMWithValueHead:
     return model
 
 
-def make_trainer(recipe: Recipe, model, tokenizer) -> PPOTrainer:
+def make_trainer(recipe: Recipe, model, tokenizer, deepspeed=None) -> PPOTrainer:
     """TRL's PPOTrainer with the recipe's PPO section passed through field for field.
+
+    deepspeed: the plugin from distributed.deepspeed_plugin, when launched with DeepSpeed.
 
     Gradient checkpointing is the one exception: TRL turns on the reentrant kind, which
     needs inputs that require grad and warns on every no-grad scoring pass; the
     non-reentrant kind needs neither, so it is switched on here instead.
     """
+    deepspeed = distributed.live_deepspeed(deepspeed)
     fields = dataclasses.asdict(recipe.ppo)
     if fields.pop("gradient_checkpointing"):
         model.pretrained_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     config = PPOConfig(**fields, gradient_checkpointing=False, seed=recipe.run.seed, exp_name=recipe.name,
-                       steps=recipe.run.steps * recipe.ppo.batch_size, log_with=None)
+                       steps=recipe.run.steps * recipe.ppo.batch_size, log_with=None,
+                       accelerator_kwargs={"deepspeed_plugin": deepspeed} if deepspeed else {})
     trainer = PPOTrainer(config, model=model, ref_model=None, tokenizer=tokenizer)
     # TRL keeps the trainable parameters as a one-shot filter(): max_grad_norm would clip
     # the first minibatch of the run and nothing after it
@@ -60,17 +66,20 @@ def ppo_step(trainer: PPOTrainer, queries: list[torch.Tensor], responses: list[t
 
 
 
-def trainer_state(trainer: PPOTrainer) -> dict:
+def trainer_state(trainer: PPOTrainer, all_processes: bool = False) -> dict:
     """A detached copy of everything PPO changes as it trains, to checkpoint or roll back to.
 
     The trainable parameters (LoRA adapters, value head), the optimizer and any LR scheduler,
     the KL controller's coefficient and TRL's running reward moments (used by
     use_score_scaling). The frozen base is not included: it never changes.
+    DeepSpeed's optimizer holds only this process's share of the state: all_processes
+    gathers every process's share (a list in rank order), for a checkpoint.
     """
     running = trainer.running
+    optimizer = _plain(trainer.optimizer.state_dict())
     return {
         "params": {n: p.detach().clone() for n, p in _policy(trainer).named_parameters() if p.requires_grad},
-        "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
+        "optimizer": distributed.gather([optimizer]) if all_processes and _sharded(trainer) else optimizer,
         "lr_scheduler": copy.deepcopy(trainer.lr_scheduler.state_dict()) if trainer.lr_scheduler else None,
         "kl_coef": float(trainer.kl_ctl.value),
         "running": {k: float(getattr(running, k)) for k in ("mean", "std", "var", "count")},
@@ -87,12 +96,37 @@ def load_trainer_state(trainer: PPOTrainer, state: dict) -> None:
     with torch.no_grad():
         for name, value in state["params"].items():
             params[name].copy_(value)
-    trainer.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))  # loading may alias the tensors
+    optimizer = _plain(state["optimizer"])  # a copy: loading may alias the tensors
+    if _sharded(trainer):  # DeepSpeed takes every process's share and reads its own; after the
+        # parameters, from which it rebuilds its fp32 copy of them
+        optimizer = optimizer if isinstance(optimizer, list) else [optimizer] * distributed.world()[1]
+    trainer.optimizer.load_state_dict(optimizer)
     if trainer.lr_scheduler is not None and state["lr_scheduler"] is not None:
         trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])
     trainer.kl_ctl.value = state["kl_coef"]
     for key, value in state["running"].items():
         setattr(trainer.running, key, value)
+
+
+def _sharded(trainer: PPOTrainer) -> bool:
+    return trainer.accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def _plain(obj):
+    """A copy of `obj` (tensors cloned) without the leaves a checkpoint cannot hold as JSON or
+    tensors (DeepSpeed's loss scaler object, say), which the optimizer keeps as they are when loading."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items() if _keeps(v)}
+    if isinstance(obj, (list, tuple)):  # a named tuple becomes a plain one
+        items = [_plain(v) for v in obj if _keeps(v)]
+        return tuple(items) if isinstance(obj, tuple) else items
+    return obj
+
+
+def _keeps(value) -> bool:
+    return isinstance(value, (dict, list, tuple, torch.Tensor, str, int, float, bool, type(None)))
 
 
 def _policy(trainer: PPOTrainer):

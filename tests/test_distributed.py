@@ -5,6 +5,7 @@ shared: one quickstart run through the Python API (tests/ddp_worker.py, which du
 process's trainable parameters), the same run stopped and resumed through the command line,
 and an 8-bit run that logs what each process scored.
 """
+import dataclasses
 import json
 import os
 import shutil
@@ -15,17 +16,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.utils import is_deepspeed_available
 from safetensors.torch import load_file
 
 from conftest import local_overrides
+from rlhf_recipes import distributed
 from rlhf_recipes.checkpoint import latest
 from rlhf_recipes.data import batch_indices, load_prompts
 from rlhf_recipes.policy import load_tokenizer
 from rlhf_recipes.recipe import apply_overrides, load_recipe
 from rlhf_recipes.rollout import decode_pairs
 from rlhf_recipes.run import main
+from rlhf_recipes.section import RecipeError
 
 TESTS = Path(__file__).parent
+ROOT = TESTS.parent
 PER_PROCESS = 8
 # the quickstart with its stages cut to seconds, three PPO steps of 2 x 8, a checkpoint each step
 QUICKSTART = ["sft.epochs=0.1", "sft.heldout=50", "reward_model.epochs=0.1", "reward_model.heldout=50",
@@ -33,18 +38,18 @@ QUICKSTART = ["sft.epochs=0.1", "sft.heldout=50", "reward_model.epochs=0.1", "re
               "eval.every=2", "run.checkpoint_every=1", "run.sample_every=0"]
 
 
-def launch(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def launch(*args: str, env: dict | None = None, launcher: tuple = ("--multi_gpu",)) -> subprocess.CompletedProcess:
     """`accelerate launch` with two CPU processes: the multi-GPU launcher is the one that starts
     both without MPI; rlhf_recipes.distributed makes them CPU processes over gloo."""
     with socket.socket() as s:  # a free port, so a lingering launch cannot collide
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(port), *args]
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
                 "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), **(env or {})}
-    done = subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=600)
+    done = subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
@@ -139,3 +144,48 @@ def test_8bit_policy_on_each_process_scores_its_own_share_of_the_batch(tiny_dir,
             assert all(t.startswith(q) for t, q in zip(training[rank][step], expected))
     ranks = [trainable(tmp_path / f"rank-{r}.safetensors") for r in (0, 1)]
     assert all(torch.equal(v, ranks[1][k]) for k, v in ranks[0].items())
+
+
+@pytest.mark.parametrize("config, error", [
+    ({"zero_optimization": {"stage": 3}}, "DeepSpeed ZeRO-3 is not supported"),
+    ({"zero_optimization": {"stage": 2}, "gradient_clipping": 0.5},
+     'the DeepSpeed config sets gradient_clipping=0.5 but ppo.max_grad_norm=1.0; set it to "auto"'),
+])
+def test_deepspeed_settings_that_cannot_run_are_refused(config, error, tmp_path, monkeypatch):
+    ppo = load_recipe("quickstart").ppo
+    distributed.init()  # made before DeepSpeed's variables are set, as a launch would have it
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(tmp_path / "ds.json"))
+    with pytest.raises(RecipeError, match=error):
+        distributed.deepspeed_plugin(ppo)
+
+
+def test_deepspeed_takes_batch_accumulation_and_clipping_from_the_recipe(monkeypatch):
+    ppo = load_recipe("quickstart").ppo
+    distributed.init()
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ROOT / "accelerate" / "zero2.json"))
+    config = distributed.deepspeed_plugin(ppo).deepspeed_config
+    assert config["zero_optimization"]["stage"] == 2
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
+            config["gradient_clipping"]) == (ppo.mini_batch_size, ppo.gradient_accumulation_steps, ppo.max_grad_norm)
+    assert distributed.deepspeed_plugin(dataclasses.replace(ppo, max_grad_norm=None)) \
+        .deepspeed_config["gradient_clipping"] == 0.0  # DeepSpeed's "no clipping"
+
+
+@pytest.mark.skipif(not is_deepspeed_available(), reason="DeepSpeed is not installed (pip install deepspeed)")
+def test_zero2_resumes_exactly_and_matches_ddp(api_run, tmp_path):
+    """accelerate/zero2.yaml as shipped, on two CPU processes: optimizer state split between them."""
+    _, ddp = api_run
+    out = tmp_path / "run"
+    shutil.copytree(ddp / "stages", out / "stages")
+    zero2 = ("--config_file", str(ROOT / "accelerate" / "zero2.yaml"))
+    args = ["-m", "rlhf_recipes.run", "quickstart", *QUICKSTART, f"run.output_dir={out}"]
+    launch(*args, "run.steps=2", launcher=zero2)
+    optimizer = latest(out).state["trainer"]["optimizer"]
+    assert isinstance(optimizer, list) and len(optimizer) == 2  # each process's share
+    launch(*args, "run.steps=3", "--resume", launcher=zero2)
+    resumed = load_file(out / "model" / "adapter_model.safetensors")
+    for name, value in load_file(ddp / "model" / "adapter_model.safetensors").items():
+        assert torch.allclose(resumed[name], value, atol=1e-3), name  # the same maths, summed in another order
