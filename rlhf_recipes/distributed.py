@@ -74,14 +74,17 @@ def deepspeed_plugin(ppo) -> DeepSpeedPlugin | None:
 
     TRL's PPOTrainer hands DeepSpeed no dataloader, so DeepSpeed cannot infer its micro
     batch; and under DeepSpeed clipping is DeepSpeed's gradient_clipping, not
-    ppo.max_grad_norm. ZeRO-3 is refused: it partitions the weights, but each process
-    samples with the whole policy every step (and the main one evaluates alone).
+    ppo.max_grad_norm. ZeRO-3 and FSDP are refused: they partition the weights, but each
+    process samples with the whole policy every step (and the main one evaluates alone).
     """
+    from .config import RecipeError
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise RecipeError("FSDP is not supported: every process samples with the whole policy at each step; use "
+                          "accelerate/ddp.yaml, and policy.quantization=8bit or 4bit for a model that does not fit one GPU")
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
         return None
     from accelerate.utils import DeepSpeedPlugin
-
-    from .config import RecipeError
 
     plugin = DeepSpeedPlugin()
     config = plugin.deepspeed_config

@@ -161,6 +161,12 @@ def test_deepspeed_settings_that_cannot_run_are_refused(config, error, tmp_path,
         distributed.deepspeed_plugin(ppo)
 
 
+def test_fsdp_is_refused(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(RecipeError, match="FSDP is not supported"):
+        distributed.deepspeed_plugin(load_recipe("quickstart").ppo)
+
+
 def test_deepspeed_takes_batch_accumulation_and_clipping_from_the_recipe(monkeypatch):
     ppo = load_recipe("quickstart").ppo
     distributed.init()
