@@ -24,6 +24,13 @@ MODELS = HERE / ".models"  # built on first use, not committed
 # name -> GPT-2 config: "small" is GPT-2 small (124M parameters); "tiny" is for quick runs
 SHAPES = {"tiny": dict(n_layer=2, n_embd=64, n_head=2, vocab_size=512, n_positions=256),
           "gpt2-small": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)}
+# name -> GPT-NeoX config of the Pythia model of that size (the 7B 8-bit recipe's architecture)
+NEOX_SHAPES = {
+    "pythia-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=8, intermediate_size=8192,
+                      vocab_size=50304, max_position_embeddings=2048, rotary_pct=0.25),
+    "pythia-6.9b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=16384,
+                        vocab_size=50432, max_position_embeddings=2048, rotary_pct=0.25),
+}
 
 
 def build_models(shape: str) -> dict[str, Path]:
@@ -33,7 +40,7 @@ def build_models(shape: str) -> dict[str, Path]:
     full vocabulary for the gpt2-small shape, so its embedding and LM head cost what GPT-2's do.
     """
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
     from rlhf_recipes import tiny
 
@@ -44,8 +51,14 @@ def build_models(shape: str) -> dict[str, Path]:
     if not (policy / "config.json").exists():
         torch.manual_seed(0)
         tokenizer_dir = tiny_dir / "gpt2"
-        model = GPT2LMHeadModel(GPT2Config(**SHAPES[shape], bos_token_id=0, eos_token_id=0))
+        if shape in NEOX_SHAPES:  # billions of random weights: made on the GPU if there is one, stored in fp16
+            with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+                model = GPTNeoXForCausalLM._from_config(
+                    GPTNeoXConfig(**NEOX_SHAPES[shape], bos_token_id=0, eos_token_id=0), dtype=torch.float16)
+        else:
+            model = GPT2LMHeadModel(GPT2Config(**SHAPES[shape], bos_token_id=0, eos_token_id=0))
         model.save_pretrained(policy)
+        del model
         for f in tokenizer_dir.iterdir():
             if "token" in f.name or f.name in ("vocab.json", "merges.txt"):
                 (policy / f.name).write_bytes(f.read_bytes())
