@@ -9,9 +9,11 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -119,6 +121,33 @@ def test_resume_on_two_processes_continues_the_run_exactly(api_run, tmp_path):
     before = (out / "metrics.jsonl").read_bytes()
     assert main(["quickstart", *QUICKSTART, f"run.output_dir={out}", "run.steps=4", "--resume"]) == 2
     assert (out / "metrics.jsonl").read_bytes() == before
+
+
+def test_sigterm_to_the_launcher_stops_every_process_after_the_same_step(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+         "-m", "rlhf_recipes.run", "imdb_positive", *local_overrides("imdb_positive", tiny_dir), "ppo.batch_size=4",
+         "ppo.mini_batch_size=2", "run.steps=500", "run.checkpoint_every=1000", "eval.num_prompts=8",
+         f"run.output_dir={out}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 300
+    while not (out / "metrics.jsonl").exists() or len(metrics(out)) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # what a scheduler sends; Ctrl-C sends SIGINT the same way
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    said = [line for line in err.splitlines() if "error: stopped by SIGTERM" in line]
+    assert len(said) == 1 and "accelerate launch --num_processes 2" in said[0], err[-3000:]  # the main one speaks
+    done = len(metrics(out))
+    saved = latest(out)
+    assert 2 <= done < 500 and saved.step == done and len(saved.state["rng"]) == 2  # both processes at the same step
 
 
 def test_8bit_policy_on_each_process_scores_its_own_share_of_the_batch(tiny_dir, tmp_path):
