@@ -85,8 +85,9 @@ def latest(out: Path) -> Checkpoint | None:
     return Checkpoint(path=path, step=saved["step"], state=state, metrics=read_jsonl(path / "metrics.jsonl"))
 
 
-def resume_point(out: Path, recipe, processes: int) -> Checkpoint | None:
-    """The checkpoint to resume from, after checking the recipe and process count are the run's."""
+def resume_point(out: Path, recipe, processes: int, deepspeed: bool) -> Checkpoint | None:
+    """The checkpoint to resume from, after checking the recipe, the process count and whether
+    DeepSpeed runs (which splits the optimizer state between processes) are the run's."""
     if not (out / RECIPE).is_file():
         console.print(f"--resume: nothing to resume in {out}; starting a new run")
         return None
@@ -101,6 +102,10 @@ def resume_point(out: Path, recipe, processes: int) -> Checkpoint | None:
         raise RecipeError(f"--resume: the run in {str(out)!r} was trained by {saved.state.get('processes', 1)} "
                           f"process(es), not {processes}; resume it with as many (accelerate launch --num_processes "
                           "N), since each step's batch is split between them")
+    elif saved.state.get("deepspeed", False) != deepspeed:
+        raise RecipeError(f"--resume: the run in {str(out)!r} was trained {'with' if not deepspeed else 'without'} "
+                          "DeepSpeed, whose optimizer state is split between processes; resume it with the same "
+                          "accelerate launch --config_file")
     return saved
 
 

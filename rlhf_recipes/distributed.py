@@ -8,6 +8,7 @@ so single-process runs pay nothing for it.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,6 +19,10 @@ from accelerate.utils import broadcast_object_list, gather_object
 if TYPE_CHECKING:
     from accelerate.utils import DeepSpeedPlugin
 
+# How long a process waits in a collective: the others wait while the main one evaluates or
+# saves a stage alone, which can take longer than NCCL's default of 10 minutes
+TIMEOUT = timedelta(hours=1)
+
 
 def init() -> PartialState:
     """This process's place in the run; call before any model is loaded.
@@ -26,7 +31,13 @@ def init() -> PartialState:
     loading a model creates it in GPU mode, which then reports a world of one process.
     """
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return PartialState(cpu=launched and not torch.cuda.is_available())
+    if launched and os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]) != os.environ["WORLD_SIZE"]:
+        from .config import RecipeError
+
+        # each process decides from the output directory what to resume and reuse: on one machine
+        # they all see the same files; across machines that is not guaranteed
+        raise RecipeError("several machines are not supported: launch with --num_machines 1")
+    return PartialState(cpu=launched and not torch.cuda.is_available(), timeout=TIMEOUT)
 
 
 def world() -> tuple[int, int]:

@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as stop:  # the processes stop together: the main one says so
         if not _who():
             print(f"error: {stop}; to continue: {resume_command(argv)}", file=sys.stderr)
+        from . import distributed
+
+        distributed.barrier()  # before any process exits, which would end the others' launch
         return stop.exit_code
     except KeyboardInterrupt:
         print(f"error: interrupted; the newest checkpoint, if any, resumes with: {resume_command(argv)}",
@@ -85,6 +88,7 @@ def _run_stages(recipe, until: str) -> int:
 
     if getattr(recipe, until) is None:
         raise RecipeError(f"--stage {until}: recipe {recipe.name!r} has no {until} stage")
+    distributed.deepspeed_plugin(recipe.ppo)  # ZeRO-3 and FSDP are refused here too
     check_output_dir(Path(recipe.run.output_dir), overwrite=False, resume=True)  # a run's directory is fine
     prepare(recipe, Path(recipe.run.output_dir), distributed.init().device, until=until)
     return 0

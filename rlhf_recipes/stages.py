@@ -15,6 +15,7 @@ import dataclasses
 import glob
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -75,7 +76,7 @@ def _use_output(recipe: Recipe, name: str, target: Path) -> Recipe:
 
 
 # ---------------------------------------------------------------------------- the two stages
-def _sft(recipe: Recipe, base: str, tmp: Path, device: torch.device) -> dict:
+def _sft(recipe: Recipe, base: str, tmp: Path | None, device: torch.device) -> dict:
     cfg, policy = recipe.sft, recipe.policy
     tokenizer = load_tokenizer("policy.model", base, policy.trust_remote_code)
     rows = load_columns("sft", cfg.dataset, cfg.split, None, {"text_column": cfg.text_column})
@@ -91,7 +92,9 @@ def _sft(recipe: Recipe, base: str, tmp: Path, device: torch.device) -> dict:
     model = add_lora(model.to(device), policy) if cfg.method == "lora" else model.to(device)
     before = heldout_loss(model, tokenizer, held, cfg.max_length)
     with no_progress_bars():
-        losses = trl_backend.train_sft(model, tokenizer, train, cfg, recipe.run.seed, tmp / "trainer")
+        losses = trl_backend.train_sft(model, tokenizer, train, cfg, recipe.run.seed, _trainer_dir(tmp))
+    if tmp is None:
+        return {}
     after = heldout_loss(model, tokenizer, held, cfg.max_length)
     if cfg.method == "lora":
         model = model.merge_and_unload()  # PPO adds fresh adapters on top of the merged weights
@@ -101,7 +104,7 @@ def _sft(recipe: Recipe, base: str, tmp: Path, device: torch.device) -> dict:
     return {"texts": len(train), "heldout_loss_before": before, "heldout_loss_after": after, "train_losses": losses}
 
 
-def _reward_model(recipe: Recipe, base: str, tmp: Path, device: torch.device) -> dict:
+def _reward_model(recipe: Recipe, base: str, tmp: Path | None, device: torch.device) -> dict:
     cfg = recipe.reward_model
     tokenizer = load_tokenizer("reward_model.model", base)
     rows = load_columns("reward_model", cfg.dataset, cfg.split, None,
@@ -117,7 +120,9 @@ def _reward_model(recipe: Recipe, base: str, tmp: Path, device: torch.device) ->
     model.to(device)
     before = pair_accuracy(model, tokenizer, held, cfg.max_length)
     with no_progress_bars():
-        losses = trl_backend.train_reward_model(model, tokenizer, train, cfg, recipe.run.seed, tmp / "trainer")
+        losses = trl_backend.train_reward_model(model, tokenizer, train, cfg, recipe.run.seed, _trainer_dir(tmp))
+    if tmp is None:
+        return {}
     after = pair_accuracy(model, tokenizer, held, cfg.max_length)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -125,6 +130,11 @@ def _reward_model(recipe: Recipe, base: str, tmp: Path, device: torch.device) ->
                   f"({len(held)} pairs)")
     return {"pairs": len(train), "heldout_accuracy_before": before, "heldout_accuracy_after": after,
             "train_losses": losses}
+
+
+def _trainer_dir(tmp: Path | None) -> Path:
+    """Where the Trainer may write (it writes nothing we keep): beside the output, or a scratch directory."""
+    return tmp / "trainer" if tmp is not None else Path(tempfile.gettempdir()) / f"rlhf_recipes-trainer-{os.getpid()}"
 
 
 # ---------------------------------------------------------------------------- measures
@@ -161,11 +171,10 @@ def _build(target: Path, fingerprint: str, run) -> None:
     """Run a stage into a temporary directory and rename it into place with its stage.json.
 
     Under `accelerate launch` every process trains (the Trainer shards the data and averages
-    the gradients), the main one writes, and the others wait until it has.
+    the gradients); the main one measures and writes (the others get tmp=None) while they wait.
     """
     if not distributed.is_main():
-        with tempfile.TemporaryDirectory() as scratch:
-            run(Path(scratch))
+        run(None)  # its share of the training; the main process measures and saves
         distributed.barrier()
         return
     try:
@@ -194,6 +203,8 @@ def _fingerprint(name: str, cfg, base: str, recipe: Recipe) -> str:
     """A hash of everything a stage's output depends on."""
     inputs = {"stage": name, "section": recipe.to_dict()[name], "seed": recipe.run.seed, "base": _identity(base),
               "data": _identity(cfg.dataset), "versions": [version(p) for p in ("trl", "transformers", "torch")]}
+    if distributed.world()[1] > 1:  # batch_size is per process: N processes train another model
+        inputs["processes"] = distributed.world()[1]
     if name == "sft":  # what of the policy section SFT uses (PPO's LoRA settings only for LoRA SFT)
         used = ("dtype", "trust_remote_code") + (("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
                                                  if cfg.method == "lora" else ())

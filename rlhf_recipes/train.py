@@ -54,8 +54,8 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     device = distributed.init().device  # this process's accelerator if it has one, else the CPU
     rank, processes = distributed.world()
     main = rank == 0
-    saved = checkpoint.resume_point(out, recipe, processes) if resume else None
     deepspeed = distributed.deepspeed_plugin(recipe.ppo)  # refuses what cannot run, before minutes of loading
+    saved = checkpoint.resume_point(out, recipe, processes, deepspeed is not None) if resume else None
 
     tokenizer = load_tokenizer("policy.model", recipe.policy.model, recipe.policy.trust_remote_code)
     with distributed.init().main_process_first():  # one process fills the datasets cache
@@ -103,7 +103,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     def save_checkpoint(done: int) -> Path:
         rngs = distributed.gather([checkpoint.rng_state()])  # each process's own, to resume its own sampling
         state = {"trainer": trl_backend.trainer_state(trainer, all_processes=True), "num_prompts": len(prompts.train),
-                 "processes": processes, "skipped": skipped, "bad_in_row": bad_in_row, "evaluation": evaluation}
+                 "processes": processes, "deepspeed": deepspeed is not None, "skipped": skipped, "bad_in_row": bad_in_row, "evaluation": evaluation}
         return distributed.from_main(checkpoint.save(out, done, state, records, run.keep_checkpoints, rngs)
                                      if main else None)
 

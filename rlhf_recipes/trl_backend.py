@@ -77,9 +77,11 @@ def trainer_state(trainer: PPOTrainer, all_processes: bool = False) -> dict:
     """
     running = trainer.running
     optimizer = _plain(trainer.optimizer.state_dict())
+    if all_processes and _sharded(trainer):  # on the CPU: unpickled, a tensor returns to the device it left
+        optimizer = distributed.gather([_plain(optimizer, torch.device("cpu"))])
     return {
         "params": {n: p.detach().clone() for n, p in _policy(trainer).named_parameters() if p.requires_grad},
-        "optimizer": distributed.gather([optimizer]) if all_processes and _sharded(trainer) else optimizer,
+        "optimizer": optimizer,
         "lr_scheduler": copy.deepcopy(trainer.lr_scheduler.state_dict()) if trainer.lr_scheduler else None,
         "kl_coef": float(trainer.kl_ctl.value),
         "running": {k: float(getattr(running, k)) for k in ("mean", "std", "var", "count")},
@@ -112,15 +114,16 @@ def _sharded(trainer: PPOTrainer) -> bool:
     return trainer.accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
-def _plain(obj):
-    """A copy of `obj` (tensors cloned) without the leaves a checkpoint cannot hold as JSON or
-    tensors (DeepSpeed's loss scaler object, say), which the optimizer keeps as they are when loading."""
+def _plain(obj, device: torch.device | None = None):
+    """A copy of `obj` (tensors cloned, to `device` if given) without the leaves a checkpoint cannot
+    hold as JSON or tensors (DeepSpeed's loss scaler object, say), which the optimizer keeps as
+    they are when loading."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
+        return obj.detach().to(device or obj.device, copy=True)
     if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items() if _keeps(v)}
+        return {k: _plain(v, device) for k, v in obj.items() if _keeps(v)}
     if isinstance(obj, (list, tuple)):  # a named tuple becomes a plain one
-        items = [_plain(v) for v in obj if _keeps(v)]
+        items = [_plain(v, device) for v in obj if _keeps(v)]
         return tuple(items) if isinstance(obj, tuple) else items
     return obj
 

@@ -17,3 +17,8 @@ def logged_length_reward(texts):
     with open(f"{os.environ['REWARD_LOG']}.rank-{os.environ.get('RANK', '0')}", "a") as log:
         log.write(json.dumps(list(texts)) + "\n")
     return length_reward(texts)
+
+
+def nan_on_rank_1(texts):
+    """Non-finite for the second process of a launch only: every process must still skip the batch."""
+    return nan_reward(texts) if os.environ.get("RANK") == "1" else length_reward(texts)

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from conftest import local_overrides
 from rlhf_recipes import distributed
-from rlhf_recipes.checkpoint import latest
+from rlhf_recipes.checkpoint import latest, resume_point
 from rlhf_recipes.data import batch_indices, load_prompts
 from rlhf_recipes.policy import load_tokenizer
 from rlhf_recipes.recipe import apply_overrides, load_recipe
@@ -40,7 +40,8 @@ QUICKSTART = ["sft.epochs=0.1", "sft.heldout=50", "reward_model.epochs=0.1", "re
               "eval.every=2", "run.checkpoint_every=1", "run.sample_every=0"]
 
 
-def launch(*args: str, env: dict | None = None, launcher: tuple = ("--multi_gpu",)) -> subprocess.CompletedProcess:
+def launch(*args: str, env: dict | None = None, launcher: tuple = ("--multi_gpu",),
+           succeeds: bool = True) -> subprocess.CompletedProcess:
     """`accelerate launch` with two CPU processes: the multi-GPU launcher is the one that starts
     both without MPI; rlhf_recipes.distributed makes them CPU processes over gloo."""
     with socket.socket() as s:  # a free port, so a lingering launch cannot collide
@@ -52,7 +53,7 @@ def launch(*args: str, env: dict | None = None, launcher: tuple = ("--multi_gpu"
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
                 "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), **(env or {})}
     done = subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=600, cwd=ROOT)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (done.returncode == 0) == succeeds, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
 
@@ -121,6 +122,19 @@ def test_resume_on_two_processes_continues_the_run_exactly(api_run, tmp_path):
     before = (out / "metrics.jsonl").read_bytes()
     assert main(["quickstart", *QUICKSTART, f"run.output_dir={out}", "run.steps=4", "--resume"]) == 2
     assert (out / "metrics.jsonl").read_bytes() == before
+    recipe = apply_overrides(load_recipe("quickstart"), [*QUICKSTART, f"run.output_dir={out}", "run.steps=4"])
+    with pytest.raises(RecipeError, match="trained without DeepSpeed"):  # its optimizer state is whole
+        resume_point(out, recipe, processes=2, deepspeed=True)
+
+
+def test_a_batch_non_finite_on_one_process_is_skipped_by_all(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    done = launch("-m", "rlhf_recipes.run", "imdb_positive", *local_overrides("imdb_positive", tiny_dir),
+                  "reward.model=", "reward.function=rewards:nan_on_rank_1", "ppo.batch_size=4", "ppo.mini_batch_size=2",
+                  "run.steps=5", "run.max_bad_batches=2", "eval.num_prompts=8", f"run.output_dir={out}", succeeds=False)
+    assert done.stderr.count("2 batches in a row had non-finite rewards") == 1, done.stderr[-3000:]
+    saved = latest(out)
+    assert saved.step == 2 and saved.state["skipped"] == 2 and saved.metrics == []  # no step was learned from
 
 
 def test_sigterm_to_the_launcher_stops_every_process_after_the_same_step(tiny_dir, tmp_path):
@@ -223,4 +237,5 @@ def test_zero2_resumes_exactly_and_matches_ddp(api_run, tmp_path):
     launch(*args, "run.steps=3", "--resume", launcher=zero2)
     resumed = load_file(out / "model" / "adapter_model.safetensors")
     for name, value in load_file(ddp / "model" / "adapter_model.safetensors").items():
-        assert torch.allclose(resumed[name], value, atol=1e-3), name  # the same maths, summed in another order
+        # the same maths, summed in another order (4e-5 apart here); a step moves them about 2e-3
+        assert torch.allclose(resumed[name], value, atol=2e-4), name
