@@ -1,8 +1,10 @@
 """Run by tests/test_distributed.py under `accelerate launch`: train a recipe through the Python
-API, then save this process's trainable parameters to DUMP_DIR/rank-R.safetensors.
+API, then save this process's trainable parameters to DUMP_DIR/rank-R.safetensors, and the
+devices its policy's weights are on to DUMP_DIR/rank-R.json.
 
     accelerate launch ... tests/ddp_worker.py DUMP_DIR RECIPE [section.field=value ...]
 """
+import json
 import sys
 from pathlib import Path
 
@@ -20,3 +22,4 @@ if __name__ == "__main__":
     rank, _ = distributed.world()
     save_file({n: p.detach().cpu().contiguous() for n, p in result.policy.named_parameters() if p.requires_grad},
               dump / f"rank-{rank}.safetensors")
+    (dump / f"rank-{rank}.json").write_text(json.dumps(sorted({str(p.device) for p in result.policy.parameters()})))

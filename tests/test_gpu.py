@@ -2,12 +2,14 @@
 
 Run with RLHF_RECIPES_GPU_TESTS=1 on a machine with a CUDA GPU; skipped everywhere else.
 """
+import json
 import os
 
 import pytest
 import torch
 
 from conftest import SMALL, local_overrides
+from test_distributed import TESTS, launch, trainable
 from rlhf_recipes.rundir import read_metrics
 from rlhf_recipes.run import main
 
@@ -25,3 +27,12 @@ def test_recipe_trains_on_cuda(quantization, tiny_dir, tmp_path):
     metrics = read_metrics(out)
     assert abs(metrics[0]["objective/kl"]) < 1e-6 < abs(metrics[1]["objective/kl"])
     assert torch.cuda.max_memory_allocated() > 0  # the work really ran on the GPU
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_two_gpus_hold_identical_8bit_policies_each_on_its_own_gpu(tiny_dir, tmp_path):
+    launch(str(TESTS / "ddp_worker.py"), str(tmp_path), "imdb_positive", *local_overrides("imdb_positive", tiny_dir),
+           *SMALL, "ppo.learning_rate=1e-3", "policy.quantization=8bit", f"run.output_dir={tmp_path / 'run'}")
+    assert [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)] == [["cuda:0"], ["cuda:1"]]
+    ranks = [trainable(tmp_path / f"rank-{r}.safetensors") for r in (0, 1)]
+    assert all(torch.equal(v, ranks[1][k]) for k, v in ranks[0].items())
