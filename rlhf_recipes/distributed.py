@@ -31,12 +31,14 @@ def init() -> PartialState:
     loading a model creates it in GPU mode, which then reports a world of one process.
     """
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if launched and os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]) != os.environ["WORLD_SIZE"]:
-        from .config import RecipeError
+    if launched and PartialState._shared_state == {}:  # once, before accelerate rewrites the variables
+        here = os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", os.environ["WORLD_SIZE"]))
+        if here != os.environ["WORLD_SIZE"]:
+            from .config import RecipeError
 
-        # each process decides from the output directory what to resume and reuse: on one machine
-        # they all see the same files; across machines that is not guaranteed
-        raise RecipeError("several machines are not supported: launch with --num_machines 1")
+            # each process decides from the output directory what to resume and reuse: on one
+            # machine they all see the same files; across machines that is not guaranteed
+            raise RecipeError("several machines are not supported: launch with --num_machines 1")
     return PartialState(cpu=launched and not torch.cuda.is_available(), timeout=TIMEOUT)
 
 

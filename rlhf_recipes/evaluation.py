@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import distributed, stages
+from .checkpoint import latest
 from .config import SECTIONS, Recipe, RecipeError
 from .metrics import distinct_n, masked_mean, sequence_kl, summarize, token_entropy, token_logprobs, win_rate
 from .policy import build_policy, load_tokenizer
@@ -157,7 +158,9 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
             raise RecipeError(f"{str(out)!r} is not a finished run: {needed} is missing; give a run's output_dir")
     recipe = apply_overrides(recipe_from_dict(json.loads((out / RECIPE).read_text())), overrides or [])
     device = distributed.init().device
-    recipe = stages.prepare(recipe, out, device, train=False)  # the SFT and reward models it trained with
+    saved = latest(out)  # how many processes trained it (and its stages): a stage's fingerprint counts them
+    processes = saved.state.get("processes", 1) if saved is not None else 1
+    recipe = stages.prepare(recipe, out, device, train=False, processes=processes)  # the models it trained with
     tokenizer = load_tokenizer("policy.model", str(out / MODEL))
     queries = read_heldout(out)
     reward_fn = build_reward(recipe.reward, device)

@@ -40,20 +40,21 @@ STAGE_FILE = "stage.json"
 
 
 def prepare(recipe: Recipe, out: Path, device: torch.device, train: bool = True,
-            until: str | None = None) -> Recipe | None:
+            until: str | None = None, processes: int | None = None) -> Recipe | None:
     """Run (or reuse) the recipe's stages in order, and return the recipe PPO runs: policy.model
     and reward.model pointed at their outputs, with the stages removed.
 
     train=False only reuses outputs (to re-evaluate a run); until='sft' stops after that stage
-    and returns None.
+    and returns None. processes: how many trained the stages (by default, as many as run now).
     """
+    processes = processes or distributed.world()[1]
     ppo_recipe = recipe
     for name, run_stage in (("sft", _sft), ("reward_model", _reward_model)):
         cfg = getattr(recipe, name)
         if cfg is not None:
             target = out / STAGES / name
             base = (cfg.model or ppo_recipe.policy.model) if name == "reward_model" else recipe.policy.model
-            fingerprint = _fingerprint(name, cfg, base, recipe)
+            fingerprint = _fingerprint(name, cfg, base, recipe, processes)
             if _cached(target) != fingerprint:
                 if not train:
                     raise RecipeError(f"{target} is missing or was trained from other inputs; "
@@ -199,12 +200,12 @@ def _cached(target: Path) -> str | None:
         return None
 
 
-def _fingerprint(name: str, cfg, base: str, recipe: Recipe) -> str:
+def _fingerprint(name: str, cfg, base: str, recipe: Recipe, processes: int) -> str:
     """A hash of everything a stage's output depends on."""
     inputs = {"stage": name, "section": recipe.to_dict()[name], "seed": recipe.run.seed, "base": _identity(base),
               "data": _identity(cfg.dataset), "versions": [version(p) for p in ("trl", "transformers", "torch")]}
-    if distributed.world()[1] > 1:  # batch_size is per process: N processes train another model
-        inputs["processes"] = distributed.world()[1]
+    if processes > 1:  # batch_size is per process: N processes train another model
+        inputs["processes"] = processes
     if name == "sft":  # what of the policy section SFT uses (PPO's LoRA settings only for LoRA SFT)
         used = ("dtype", "trust_remote_code") + (("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
                                                  if cfg.method == "lora" else ())

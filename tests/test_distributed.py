@@ -25,6 +25,7 @@ from conftest import local_overrides
 from rlhf_recipes import distributed
 from rlhf_recipes.checkpoint import latest, resume_point
 from rlhf_recipes.data import batch_indices, load_prompts
+from rlhf_recipes.evaluation import evaluate_run
 from rlhf_recipes.policy import load_tokenizer
 from rlhf_recipes.recipe import apply_overrides, load_recipe
 from rlhf_recipes.rollout import decode_pairs
@@ -50,7 +51,7 @@ def launch(*args: str, env: dict | None = None, launcher: tuple = ("--multi_gpu"
     command = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(port), *args]
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",  # CPU, gloo
                 "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), **(env or {})}
     done = subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=600, cwd=ROOT)
     assert (done.returncode == 0) == succeeds, done.stdout[-3000:] + done.stderr[-3000:]
@@ -85,6 +86,14 @@ def test_processes_hold_identical_policies_that_trained(api_run):
     saved = load_file(out / "model" / "adapter_model.safetensors")
     for name, value in saved.items():
         assert torch.equal(value, ranks[0][name])
+
+
+def test_a_run_trained_on_two_processes_is_re_evaluated_in_one(api_run, tmp_path):
+    _, trained = api_run
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    again = evaluate_run(out)  # its stages are found: they were trained by 2 processes, as its checkpoint says
+    assert again["after"]["policy"]["reward"] == json.loads((trained / "eval.json").read_text())["after"]["policy"]["reward"]
 
 
 def test_the_batch_is_split_and_only_the_main_process_writes(api_run):
@@ -149,7 +158,7 @@ def test_sigterm_to_the_launcher_stops_every_process_after_the_same_step(tiny_di
          "ppo.mini_batch_size=2", "run.steps=500", "run.checkpoint_every=1000", "eval.num_prompts=8",
          f"run.output_dir={out}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
     deadline = time.monotonic() + 300
     while not (out / "metrics.jsonl").exists() or len(metrics(out)) < 2:
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]

@@ -32,7 +32,8 @@ def test_recipe_trains_on_cuda(quantization, tiny_dir, tmp_path):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_two_gpus_hold_identical_8bit_policies_each_on_its_own_gpu(tiny_dir, tmp_path):
     launch(str(TESTS / "ddp_worker.py"), str(tmp_path), "imdb_positive", *local_overrides("imdb_positive", tiny_dir),
-           *SMALL, "ppo.learning_rate=1e-3", "policy.quantization=8bit", f"run.output_dir={tmp_path / 'run'}")
+           *SMALL, "ppo.learning_rate=1e-3", "policy.quantization=8bit", f"run.output_dir={tmp_path / 'run'}",
+           env={"CUDA_VISIBLE_DEVICES": "0,1"})
     assert [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)] == [["cuda:0"], ["cuda:1"]]
     ranks = [trainable(tmp_path / f"rank-{r}.safetensors") for r in (0, 1)]
-    assert all(torch.equal(v, ranks[1][k]) for k, v in ranks[0].items())
+    assert ranks[0] and all(torch.equal(v, ranks[1][k]) for k, v in ranks[0].items())
