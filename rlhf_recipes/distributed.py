@@ -19,6 +19,10 @@ from accelerate.utils import broadcast_object_list, gather_object
 if TYPE_CHECKING:
     from accelerate.utils import DeepSpeedPlugin
 
+# DeepSpeed settings the recipe's ppo section decides (see deepspeed_plugin)
+_FROM_RECIPE = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
+                "train_batch_size")
+
 # How long a process waits in a collective: the others wait while the main one evaluates or
 # saves a stage alone, which can take longer than NCCL's default of 10 minutes
 TIMEOUT = timedelta(hours=1)
@@ -127,7 +131,5 @@ def live_deepspeed(plugin: DeepSpeedPlugin | None) -> DeepSpeedPlugin | None:
 
     if plugin is None or AcceleratorState._shared_state == {} or AcceleratorState().deepspeed_plugin is None:
         return plugin
-    AcceleratorState().deepspeed_plugin.deepspeed_config.update(
-        {k: plugin.deepspeed_config[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                                                 "gradient_clipping", "train_batch_size")})
+    AcceleratorState().deepspeed_plugin.deepspeed_config.update({k: plugin.deepspeed_config[k] for k in _FROM_RECIPE})
     return None

@@ -91,12 +91,11 @@ def _sft(recipe: Recipe, base: str, tmp: Path | None, device: torch.device) -> d
         model = load_pretrained("policy.model", AutoModelForCausalLM.from_pretrained, base,
                                 dtype=DTYPES[policy.dtype], trust_remote_code=policy.trust_remote_code)
     model = add_lora(model.to(device), policy) if cfg.method == "lora" else model.to(device)
-    before = heldout_loss(model, tokenizer, held, cfg.max_length)
-    with no_progress_bars():
-        losses = trl_backend.train_sft(model, tokenizer, train, cfg, recipe.run.seed, _trainer_dir(tmp))
-    if tmp is None:
+    fitted = _fit(tmp, lambda: heldout_loss(model, tokenizer, held, cfg.max_length),
+                  lambda work: trl_backend.train_sft(model, tokenizer, train, cfg, recipe.run.seed, work))
+    if fitted is None:
         return {}
-    after = heldout_loss(model, tokenizer, held, cfg.max_length)
+    before, after, losses = fitted
     if cfg.method == "lora":
         model = model.merge_and_unload()  # PPO adds fresh adapters on top of the merged weights
     model.save_pretrained(tmp)
@@ -119,12 +118,11 @@ def _reward_model(recipe: Recipe, base: str, tmp: Path | None, device: torch.dev
                  load_pretrained("reward_model.model", AutoModelForSequenceClassification.from_pretrained,
                                  base, config=config))
     model.to(device)
-    before = pair_accuracy(model, tokenizer, held, cfg.max_length)
-    with no_progress_bars():
-        losses = trl_backend.train_reward_model(model, tokenizer, train, cfg, recipe.run.seed, _trainer_dir(tmp))
-    if tmp is None:
+    fitted = _fit(tmp, lambda: pair_accuracy(model, tokenizer, held, cfg.max_length),
+                  lambda work: trl_backend.train_reward_model(model, tokenizer, train, cfg, recipe.run.seed, work))
+    if fitted is None:
         return {}
-    after = pair_accuracy(model, tokenizer, held, cfg.max_length)
+    before, after, losses = fitted
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     console.print(f"reward_model: {len(train)} pairs, held-out accuracy {before:.1%} -> {after:.1%} "
@@ -133,9 +131,18 @@ def _reward_model(recipe: Recipe, base: str, tmp: Path | None, device: torch.dev
             "train_losses": losses}
 
 
-def _trainer_dir(tmp: Path | None) -> Path:
-    """Where the Trainer may write (it writes nothing we keep): beside the output, or a scratch directory."""
-    return tmp / "trainer" if tmp is not None else Path(tempfile.gettempdir()) / f"rlhf_recipes-trainer-{os.getpid()}"
+def _fit(tmp: Path | None, measure, train) -> tuple[float, float, list[float]] | None:
+    """(measure before, measure after, losses) of `train(work_dir)`; None on the other processes
+    of a launch (tmp None), which only train their share while the main one measures.
+
+    The Trainer writes nothing we keep into work_dir: beside the output, or (on the other
+    processes, where it writes nothing at all) a scratch path.
+    """
+    before = measure() if tmp is not None else None
+    work = tmp / "trainer" if tmp is not None else Path(tempfile.gettempdir()) / f"rlhf_recipes-trainer-{os.getpid()}"
+    with no_progress_bars():
+        losses = train(work)
+    return None if tmp is None else (before, measure(), losses)
 
 
 # ---------------------------------------------------------------------------- measures

@@ -51,14 +51,14 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     run, gen = recipe.run, recipe.generation
     out = Path(run.output_dir)
     check_output_dir(out, run.overwrite, resume)  # before minutes of loading, and before writing anything
-    device = distributed.init().device  # this process's accelerator if it has one, else the CPU
-    rank, processes = distributed.world()
-    main = rank == 0
+    state = distributed.init()
+    device = state.device  # this process's accelerator if it has one, else the CPU
+    rank, processes, main = state.process_index, state.num_processes, state.is_main_process
     deepspeed = distributed.deepspeed_plugin(recipe.ppo)  # refuses what cannot run, before minutes of loading
     saved = checkpoint.resume_point(out, recipe, processes, deepspeed is not None) if resume else None
 
     tokenizer = load_tokenizer("policy.model", recipe.policy.model, recipe.policy.trust_remote_code)
-    with distributed.init().main_process_first():  # one process fills the datasets cache
+    with state.main_process_first():  # one process fills the datasets cache
         prompts = load_prompts(recipe.prompts, tokenizer, recipe.eval.num_prompts, run.seed)
     if recipe.eval.judge is not None:
         resolve_callable(recipe.eval.judge, "eval.judge")  # fail before minutes of SFT, not after
@@ -102,9 +102,10 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
 
     def save_checkpoint(done: int) -> Path:
         rngs = distributed.gather([checkpoint.rng_state()])  # each process's own, to resume its own sampling
-        state = {"trainer": trl_backend.trainer_state(trainer, all_processes=True), "num_prompts": len(prompts.train),
-                 "processes": processes, "deepspeed": deepspeed is not None, "skipped": skipped, "bad_in_row": bad_in_row, "evaluation": evaluation}
-        return distributed.from_main(checkpoint.save(out, done, state, records, run.keep_checkpoints, rngs)
+        saved = {"trainer": trl_backend.trainer_state(trainer, all_processes=True), "num_prompts": len(prompts.train),
+                 "processes": processes, "deepspeed": deepspeed is not None, "skipped": skipped,
+                 "bad_in_row": bad_in_row, "evaluation": evaluation}
+        return distributed.from_main(checkpoint.save(out, done, saved, records, run.keep_checkpoints, rngs)
                                      if main else None)
 
     with StepDisplay(run.steps, start) as display, StopRequests() as stop:

@@ -76,9 +76,10 @@ def trainer_state(trainer: PPOTrainer, all_processes: bool = False) -> dict:
     gathers every process's share (a list in rank order), for a checkpoint.
     """
     running = trainer.running
-    optimizer = _plain(trainer.optimizer.state_dict())
-    if all_processes and _sharded(trainer):  # on the CPU: unpickled, a tensor returns to the device it left
-        optimizer = distributed.gather([_plain(optimizer, torch.device("cpu"))])
+    gather = all_processes and _sharded(trainer)  # on the CPU: unpickled, a tensor returns to the device it left
+    optimizer = _plain(trainer.optimizer.state_dict(), torch.device("cpu") if gather else None)
+    if gather:
+        optimizer = distributed.gather([optimizer])
     return {
         "params": {n: p.detach().clone() for n, p in _policy(trainer).named_parameters() if p.requires_grad},
         "optimizer": optimizer,
