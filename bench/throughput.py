@@ -38,7 +38,7 @@ def recipe_for(paths: dict, args, out: Path):
 
 
 def ours(paths: dict, args) -> list[dict]:
-    from rlhf_recipes.train import train
+    from rlhf_recipes.training import train
 
     with tempfile.TemporaryDirectory() as tmp:
         result = train(recipe_for(paths, args, Path(tmp) / "run"))

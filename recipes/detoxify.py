@@ -22,8 +22,10 @@ recipe = Recipe(
     generation=Generation(response_min_tokens=16, response_max_tokens=32, top_k=0, top_p=1.0, temperature=1.0),
     # LoRA starts at zero and moves less per step than full weights: a larger rate than TRL's 1.47e-5
     ppo=PPO(learning_rate=1e-4, batch_size=64, mini_batch_size=16, ppo_epochs=4,
-            adap_kl_ctrl=True, init_kl_coef=0.2, target=6.0, horizon=10000.0,
-            gamma=1.0, lam=0.95, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1),
+            # horizon counts samples: 1500 lets the coefficient move by up to x13 in 300 steps of 64
+            # (TRL's 10000: x1.5, so the KL would go wherever the reward pulls it)
+            adap_kl_ctrl=True, init_kl_coef=0.2, target=6.0, horizon=1500.0,
+            gamma=1.0, lam=0.95, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, entropy_coef=0.0),
     eval=Eval(num_prompts=256, batch_size=64, seed=1234, every=0),
     run=Run(output_dir="runs/detoxify", steps=300, seed=0, sample_every=20, sample_rows=4,
             checkpoint_every=25, keep_checkpoints=2, max_bad_batches=3),

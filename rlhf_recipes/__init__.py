@@ -15,8 +15,11 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    if name == "train":  # lazy: pulls in torch, transformers and TRL
-        from .train import train
+    # lazy: pulls in torch, transformers and TRL. The loop lives in `training`, not in a
+    # submodule named `train`, whose import would rebind this package's `train` to the module
+    if name == "train":
+        from .training import train
 
+        globals()["train"] = train
         return train
     raise AttributeError(f"module 'rlhf_recipes' has no attribute {name!r}")

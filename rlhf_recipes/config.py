@@ -37,7 +37,8 @@ class Policy(Section):
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
-    """0 by default: dropout makes training and scoring forward passes disagree."""
+    """Must be 0: TRL scores the old log-probs and the KL without dropout, and a live dropout in
+    the gradient pass would make the PPO ratio compare two different functions."""
     lora_target_modules: Optional[tuple[str, ...]] = None
     """Module names to adapt; none means PEFT's default for the architecture."""
     trust_remote_code: bool = False
@@ -45,7 +46,11 @@ class Policy(Section):
     def check(self) -> None:
         self.require(bool(self.model.strip()), "model", "must name a Hub id or a local directory")
         _positive(self, "lora_r", "lora_alpha")
-        self.require(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+        self.require(self.lora_dropout == 0, "lora_dropout",
+                     "must be 0: PPO's ratio and KL assume the policy that sampled is the one trained")
+        self.require(not (self.dtype == "float16" and self.quantization == "none"), "dtype",
+                     "float16 without quantization trains with no loss scaling, so small gradients underflow; "
+                     "use policy.dtype=bfloat16 (or float32), or float16 with policy.quantization=8bit/4bit")
         self.require(self.lora_target_modules != (), "lora_target_modules", "must not be empty")
 
 
@@ -162,12 +167,18 @@ class PPO(Section):
     target: float
     """Adaptive KL: the per-sequence KL the controller steers towards."""
     horizon: float
-    """Adaptive KL: counted in samples, so with batch 128 the coefficient moves <= ~0.26% a step."""
+    """Adaptive KL: counted in samples. The coefficient moves by a factor of at most
+    1 + 0.2 * batch / horizon a step (batch 128, horizon 10000: 0.26%); the run prints the most
+    it can move over all its steps, and warns when that is under 2x."""
     gamma: float
     lam: float
     cliprange: float
     cliprange_value: float
     vf_coef: float
+    entropy_coef: float = 0.0
+    """c2 in L = L_clip + vf_coef * L_value - c2 * H: a bonus for the mean token entropy of the
+    responses, which keeps the policy from collapsing onto a few phrasings (not in TRL: added
+    by rlhf_recipes, logged as ppo/loss/entropy). 0 is TRL's objective."""
     gradient_accumulation_steps: int = 1
     kl_penalty: Literal["kl", "abs", "mse", "full"] = "kl"
     max_grad_norm: Optional[float] = None
@@ -186,14 +197,28 @@ class PPO(Section):
                   "cliprange_value", "max_grad_norm", "score_clip", "target_kl", "ratio_threshold")
         self.require(0 <= self.init_kl_coef < math.inf, "init_kl_coef", "must be finite and >= 0")
         self.require(0 <= self.vf_coef < math.inf, "vf_coef", "must be finite and >= 0")
+        self.require(0 <= self.entropy_coef < math.inf, "entropy_coef", "must be finite and >= 0")
         self.require(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]")
         self.require(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
         # TRL 0.11.4 keeps the running reward std as a float and calls .to() on it: every step fails
         self.require(not self.use_score_scaling, "use_score_scaling",
                      "is broken in TRL 0.11.4 (its running std is a float); leave it false, or use reward.scale")
+        self.require(not self.use_score_norm, "use_score_norm",
+                     "does nothing without ppo.use_score_scaling, which TRL 0.11.4 cannot run; leave it false")
         step = self.mini_batch_size * self.gradient_accumulation_steps
         self.require(self.batch_size % step == 0, "batch_size",
                      f"must be a multiple of ppo.mini_batch_size * ppo.gradient_accumulation_steps ({step})")
+
+    def kl_coef_reach(self, steps: int, processes: int = 1) -> float:
+        """The largest factor by which adaptive KL can move the coefficient over `steps` steps.
+
+        TRL's controller multiplies it by 1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon a
+        step, n the samples of the step (all processes'): at most (1 + 0.2 n / horizon) ** steps
+        up, and as far down. 1.0 with a fixed coefficient.
+        """
+        if not self.adap_kl_ctrl:
+            return 1.0
+        return (1 + 0.2 * self.batch_size * processes / self.horizon) ** steps
 
 
 @dataclass(frozen=True)

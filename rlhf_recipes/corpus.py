@@ -147,9 +147,11 @@ def train_tokenizer(texts: list[str], directory: Path, max_length: int = 64):
 
     tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<eos>"]))
+    tokenizer.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<eos>"],
+                                                                     show_progress=False))
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>",
-                                   eos_token="<eos>", bos_token="<eos>", model_max_length=max_length)
+                                   eos_token="<eos>", bos_token="<eos>", model_max_length=max_length,
+                                   model_input_names=["input_ids", "attention_mask"])  # GPT-2 would add token types
     fast.save_pretrained(directory)
     return fast
 

@@ -28,6 +28,9 @@ class PromptSet:
 
     train: list[torch.Tensor]
     heldout: list[torch.Tensor]
+    duplicates: int = 0
+    """Queries dropped because an earlier one had the same token ids (short prompts repeat:
+    IMDB's "This movie" is many reviews' first two tokens)."""
 
 
 def load_texts(cfg: Prompts) -> list[str]:
@@ -109,21 +112,35 @@ def _field(row: dict[str, Any], path: str) -> Any:
 
 
 def load_prompts(cfg: Prompts, tokenizer, heldout: int, seed: int) -> PromptSet:
-    """Shuffle (seeded), hold out `heldout` prompts, and cut each text to a sampled query length."""
+    """Shuffle (seeded), cut each text to a sampled query length, drop repeated queries, and
+    hold out the first `heldout`.
+
+    A query's length counts the text's tokens: a BOS token the tokenizer adds (Llama, Mistral)
+    comes on top, once, at the start.
+    """
     texts = load_texts(cfg)
-    if len(texts) <= heldout:
-        raise RecipeError(f"prompts: {cfg.dataset!r} has {len(texts)} usable texts after filtering, "
-                          f"but eval.num_prompts={heldout} are held out; lower eval.num_prompts or use more data")
     rng = np.random.default_rng(seed)
     texts = [texts[i] for i in rng.permutation(len(texts))]
     lengths = rng.integers(cfg.query_min_tokens, cfg.query_max_tokens + 1, size=len(texts))
     limit = cfg.query_max_tokens * _CHARS_PER_TOKEN_BOUND
     ids = tokenizer([t[:limit] for t in texts])["input_ids"]
-    queries = [torch.tensor(x[:n], dtype=torch.long) for x, n in zip(ids, lengths) if x]
+    bos = tokenizer.bos_token_id
+    seen: dict[tuple[int, ...], None] = {}
+    candidates = 0
+    for x, n in zip(ids, lengths):
+        lead = 1 if bos is not None and x and x[0] == bos and len(x) > 1 else 0
+        query = tuple(x[:lead + n])
+        if len(query) > lead:
+            candidates += 1
+            seen.setdefault(query, None)
+    queries = [torch.tensor(q, dtype=torch.long) for q in seen]
+    if len(queries) <= heldout:
+        raise RecipeError(f"prompts: {cfg.dataset!r} has {len(queries)} usable texts after filtering (distinct as prompts), "
+                          f"but eval.num_prompts={heldout} are held out; lower eval.num_prompts or use more data")
     train = queries[heldout:]
     if cfg.max_prompts is not None:
         train = train[:cfg.max_prompts]
-    return PromptSet(train=train, heldout=queries[:heldout])
+    return PromptSet(train=train, heldout=queries[:heldout], duplicates=candidates - len(queries))
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:

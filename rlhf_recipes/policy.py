@@ -31,6 +31,10 @@ def load_tokenizer(key: str, name: str, trust_remote_code: bool = False):
     # padding keeps every token at the position it was sampled at. (Generation pads prompts
     # on the left itself, in rollout.pad_batch.)
     tok.padding_side = "right"
+    # a generic tokenizer also returns token_type_ids, which GPT-2 would add to every position
+    # (as token 0's embedding) in a user's model(**tokenizer(text)); no model here is trained with them
+    tok.model_input_names = [n for n in tok.model_input_names if n != "token_type_ids"]
+    tok.init_kwargs["model_input_names"] = tok.model_input_names  # and so does the tokenizer we save
     return tok
 
 

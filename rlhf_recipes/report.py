@@ -5,7 +5,9 @@ import json
 import math
 from pathlib import Path
 
+from .config import Generation
 from .rundir import EVAL, RECIPE, REPORT
+from .startup import sampling_note
 
 ROWS = [("reward", "reward"), ("kl", "KL(policy ‖ ref), nats"), ("length", "response length (tokens)"),
         ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"), ("entropy", "mean token entropy")]
@@ -38,12 +40,13 @@ def summary_line(result: dict) -> str:
             f"{a['num_prompts']} held-out prompts")
 
 
-def markdown(result: dict) -> str:
+def markdown(result: dict, note: str | None = None) -> str:
     b, a = result["before"], result["after"]
     lines = [f"# {result['recipe']}: evaluation on {a['num_prompts']} held-out prompts", "",
              f"Policy before training (step {b['step']}) and after (step {a['step']}), each against the "
              "frozen reference (the same model, adapters off), sampling with the same seed. "
              "Cells are mean ± the half-width of a 95% confidence interval.", "",
+             *([f"**Note:** {note}.", ""] if note else []),
              "| metric | reference | policy before | policy after | change |", "|---|---|---|---|---|"]
     rows = ROWS + ([("judged", f"share judged {a['judge']}")] if a.get("judge") else [])
     for key, label in rows:
@@ -106,5 +109,7 @@ def write_report(out: Path, result: dict, metrics: list[dict]) -> None:
     """eval.json always; report.md and the plots once there is an 'after'."""
     (out / EVAL).write_text(json.dumps(result, indent=1) + "\n")
     if result.get("after"):
-        (out / REPORT).write_text(markdown(result))
+        recipe = json.loads((out / RECIPE).read_text()) if (out / RECIPE).exists() else {}
+        gen = recipe.get("generation")
+        (out / REPORT).write_text(markdown(result, sampling_note(Generation(**gen)) if gen else None))
         plot(out, result, metrics)

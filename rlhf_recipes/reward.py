@@ -70,6 +70,8 @@ class ClassifierReward:
         self.cfg, self.device = cfg, device
         self.tokenizer = load_tokenizer("reward.model", cfg.model)
         self.tokenizer.padding_side = "right"
+        # too long a text loses its beginning, not the response at its end that is being judged
+        self.tokenizer.truncation_side = "left" if cfg.input == "prompt+response" else "right"
         config = load_pretrained("reward.model", AutoConfig.from_pretrained, cfg.model)
         kinds = config.architectures or []
         if kinds and not any(k.endswith("ForSequenceClassification") for k in kinds):  # else a random head
@@ -78,11 +80,12 @@ class ClassifierReward:
         self.model = load_pretrained("reward.model", AutoModelForSequenceClassification.from_pretrained, cfg.model,
                                      config=config)
         self.model.to(device).eval().requires_grad_(False)
-        if self.model.config.pad_token_id is None:  # GPT-style classifiers find the last token by padding
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        # GPT- and Llama-style classifiers read the last token that is not the config's pad id:
+        # it must be the id the tokenizer pads with, or a text's score depends on its batch
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.index = label_index(self.model.config.id2label, cfg.label)
-        limits = [n for n in (cfg.max_length, self.tokenizer.model_max_length,
-                              getattr(self.model.config, "max_position_embeddings", None)) if n and n < 1_000_000]
+        limits = [n for n in (cfg.max_length, self.tokenizer.model_max_length, position_limit(self.model))
+                  if n and n < 1_000_000]
         self.max_length = min(limits) if limits else 512
 
     @torch.no_grad()
@@ -90,9 +93,30 @@ class ClassifierReward:
         scores = []
         for start in range(0, len(texts), self.cfg.batch_size):
             batch = self.tokenizer(texts[start:start + self.cfg.batch_size], padding=True, truncation=True,
-                                   max_length=self.max_length, return_tensors="pt").to(self.device)
-            scores.append(select_score(self.model(**batch).logits, self.index, self.cfg.score))
+                                   max_length=self.max_length, return_tensors="pt")
+            logits = self.model(**model_inputs(batch, self.device)).logits
+            scores.append(select_score(logits, self.index, self.cfg.score))
         return (self.cfg.scale * torch.cat(scores)).tolist()
+
+
+def model_inputs(batch, device: torch.device) -> dict[str, torch.Tensor]:
+    """The token ids and attention mask of a tokenizer's output, on `device`, and nothing else.
+
+    Generic tokenizers also return token_type_ids (all 0), which GPT-2 adds to every position
+    as the embedding of token 0; models are trained without them (TRL feeds ids and mask
+    alone), and for BERT-style models all-zero types are what they assume when none are given.
+    """
+    return {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+
+
+def position_limit(model) -> int | None:
+    """How many tokens a classifier's position embeddings take. RoBERTa-family models number
+    positions from padding_idx + 1, so they take two fewer than max_position_embeddings (512 of 514)."""
+    embeddings = getattr(model.base_model, "embeddings", None)
+    positions, pad = getattr(embeddings, "position_embeddings", None), getattr(embeddings, "padding_idx", None)
+    if isinstance(positions, torch.nn.Embedding) and pad is not None:
+        return positions.num_embeddings - pad - 1
+    return getattr(model.config, "max_position_embeddings", None)
 
 
 class FunctionReward:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from transformers import GenerationConfig
@@ -82,11 +83,16 @@ def generate(model, tokenizer, queries: list[torch.Tensor], lengths: list[int], 
 
 
 def decode_pairs(tokenizer, queries: list[torch.Tensor], responses: list[torch.Tensor]) -> tuple[list[str], list[str]]:
-    """Prompt and response texts such that prompt + response is the decoded whole.
+    """Prompt and response texts such that prompt + response is exactly the decoded whole.
 
-    Decoding the response alone loses its leading space with SentencePiece-style
-    tokenizers (Llama, Mistral), which would glue words together for the reward.
+    The whole is split where it stops agreeing with the prompt decoded alone. Decoding the
+    response alone would lose its leading space with SentencePiece-style tokenizers (Llama,
+    Mistral); and a prompt cut inside a character that byte-level BPE spreads over several
+    tokens (curly quotes, accents, emoji) decodes alone to a replacement character, so the
+    whole does not start with it: the response then starts with that completed character,
+    and never with the prompt.
     """
     prompts = tokenizer.batch_decode(queries, skip_special_tokens=True)
     wholes = tokenizer.batch_decode([torch.cat([q, r]) for q, r in zip(queries, responses)], skip_special_tokens=True)
-    return prompts, [w[len(p):] if w.startswith(p) else w for p, w in zip(prompts, wholes)]
+    cuts = [len(os.path.commonprefix([p, w])) for p, w in zip(prompts, wholes)]
+    return [w[:k] for w, k in zip(wholes, cuts)], [w[k:] for w, k in zip(wholes, cuts)]

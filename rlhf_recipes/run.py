@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         distributed.init()  # before any model is loaded
         if args.stage:
             return _run_stages(recipe, args.stage)
-        from .train import train
+        from .training import train
 
         train(recipe, resume=args.resume)
     except RecipeError as err:

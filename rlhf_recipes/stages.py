@@ -33,6 +33,7 @@ from .console import console
 from .data import load_columns, no_progress_bars
 from .loading import load_pretrained
 from .policy import DTYPES, add_lora, load_tokenizer
+from .reward import model_inputs
 from .rollout import evaluating
 from .rundir import STAGES, atomic_dir
 
@@ -152,8 +153,9 @@ def heldout_loss(model, tokenizer, texts: list[str], max_length: int, batch_size
     total, count = 0.0, 0
     with evaluating(model):
         for start in range(0, len(texts), batch_size):
-            batch = tokenizer([t + tokenizer.eos_token for t in texts[start:start + batch_size]], padding=True,
-                              truncation=True, max_length=max_length, return_tensors="pt").to(device)
+            batch = model_inputs(tokenizer([t + tokenizer.eos_token for t in texts[start:start + batch_size]],
+                                           padding=True, truncation=True, max_length=max_length, return_tensors="pt"),
+                                 device)
             labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
             n = int((labels[:, 1:] != -100).sum())
             total += float(model(**batch, labels=labels).loss) * n
@@ -168,8 +170,9 @@ def pair_accuracy(model, tokenizer, pairs: list[tuple[str, str]], max_length: in
     with evaluating(model):
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start:start + batch_size]
-            scores = [model(**tokenizer([p[i] for p in chunk], padding=True, truncation=True, max_length=max_length,
-                                        return_tensors="pt").to(device)).logits[:, 0] for i in (0, 1)]
+            scores = [model(**model_inputs(tokenizer([p[i] for p in chunk], padding=True, truncation=True,
+                                                     max_length=max_length, return_tensors="pt"), device)).logits[:, 0]
+                      for i in (0, 1)]
             wins.append(scores[0] > scores[1])
     return float(torch.cat(wins).float().mean()) if wins else float("nan")
 

@@ -7,6 +7,8 @@ shipped recipes' Hub models, plus prompt files shaped like their datasets:
     DIR/gpt2              GPT-2 causal LM; like the real one, its tokenizer has no pad token
     DIR/gpt-neo           GPT-Neo causal LM (detoxify's policy architecture)
     DIR/gpt-neox          GPT-NeoX causal LM (the 8-bit recipe's architecture)
+    DIR/llama             Llama causal LM (grouped-query attention) with a SentencePiece-style
+                          (Metaspace) tokenizer that adds BOS, as Llama, Mistral and Gemma do
     DIR/distilbert-imdb   DistilBERT classifier, labels NEGATIVE / POSITIVE
     DIR/roberta-hate      RoBERTa classifier, labels nothate / hate
     DIR/imdb.jsonl        review-like texts: {"text", "label"}
@@ -25,7 +27,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (DistilBertConfig, DistilBertForSequenceClassification, DistilBertTokenizerFast,
                           GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, GPTNeoConfig, GPTNeoForCausalLM,
-                          GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXTokenizerFast, PreTrainedTokenizerFast,
+                          GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXTokenizerFast, LlamaConfig, LlamaForCausalLM,
+                          LlamaTokenizerFast, PreTrainedTokenizerFast,
                           RobertaConfig, RobertaForSequenceClassification, RobertaTokenizerFast)
 
 _GOOD = ["wonderful", "moving", "brilliant", "charming", "gripping", "funny", "beautiful", "superb"]
@@ -55,7 +58,8 @@ def _bpe(texts: list[str], vocab_size: int, specials: list[str]) -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
     return tok
 
 
@@ -65,6 +69,20 @@ def gpt2_tokenizer(texts: list[str], vocab_size: int = 512, cls=GPT2TokenizerFas
     return cls(tokenizer_object=_bpe(texts, vocab_size, [eot]), bos_token=eot, eos_token=eot, unk_token=eot)
 
 
+def llama_tokenizer(texts: list[str], vocab_size: int = 512) -> LlamaTokenizerFast:
+    """SentencePiece-style BPE: words carry a leading "▁" instead of a space, and BOS <s> is added."""
+    specials = ["<unk>", "<s>", "</s>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                       show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return LlamaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                              add_bos_token=True, add_eos_token=False, legacy=False)
+
+
 def distilbert_tokenizer(texts: list[str], vocab_size: int = 512, max_length: int = 64) -> DistilBertTokenizerFast:
     """Lower-cased WordPiece with [CLS] ... [SEP], as DistilBERT uses."""
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -72,7 +90,8 @@ def distilbert_tokenizer(texts: list[str], vocab_size: int = 512, max_length: in
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                             show_progress=False))
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
         special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
@@ -103,7 +122,11 @@ def causal_lm(arch: str, tokenizer: PreTrainedTokenizerFast, width: int = 32, la
     if arch == "gpt-neox":
         return GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
                                                 intermediate_size=4 * width, max_position_embeddings=positions, **ids))
-    raise ValueError(f"unknown causal LM architecture {arch!r}; use gpt2, gpt-neo or gpt-neox")
+    if arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                                            num_attention_heads=2 * heads, num_key_value_heads=heads,
+                                            max_position_embeddings=positions, **ids))
+    raise ValueError(f"unknown causal LM architecture {arch!r}; use gpt2, gpt-neo, gpt-neox or llama")
 
 
 def build(out_dir: str | Path, seed: int = 0) -> Path:
@@ -126,6 +149,9 @@ def build(out_dir: str | Path, seed: int = 0) -> Path:
         tok = gpt2_tokenizer(texts, cls=cls)
         causal_lm(arch, tok).save_pretrained(out / arch)
         tok.save_pretrained(out / arch)
+    tok = llama_tokenizer(texts)
+    causal_lm("llama", tok).save_pretrained(out / "llama")
+    tok.save_pretrained(out / "llama")
 
     for name, tok, model in (
         ("distilbert-imdb", distilbert_tokenizer(texts), lambda t: DistilBertForSequenceClassification(DistilBertConfig(

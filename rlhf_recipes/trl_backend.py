@@ -5,6 +5,7 @@ touches only this file.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from pathlib import Path
@@ -15,6 +16,7 @@ from accelerate.utils import DistributedType
 from transformers import PrinterCallback
 from trl import (AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer, RewardConfig, RewardTrainer, SFTConfig,
                  SFTTrainer)
+from trl.core import entropy_from_logits, masked_mean
 
 from . import distributed
 from .config import SFT, Recipe, RecipeError, RewardModel
@@ -33,23 +35,77 @@ def with_value_head(adapted_model) -> AutoModelForCausalLMWithValueHead:
     return model
 
 
+class _PPOTrainer(PPOTrainer):
+    """TRL's PPOTrainer with two changes to its step, both off unless a recipe asks for them.
+
+    1. Gradient checkpointing that checkpoints. TRL's batched_forward_pass calls model.eval()
+       before every forward pass, the gradient-carrying one inside each minibatch included, and
+       transformers checkpoints only in train mode: with checkpointing on, that pass runs in
+       train mode here. Dropout is off in the policy (policy.lora_dropout must be 0), so train
+       mode changes nothing else, and the no-grad scoring passes stay in eval mode.
+    2. An entropy bonus: the loss becomes pg_loss + vf_coef * vf_loss - entropy_coef * entropy,
+       the entropy being the masked mean over response tokens that TRL computes for its
+       statistics and discards; `ppo/loss/entropy` logs the term as added to the total.
+    """
+
+    entropy_coef: float = 0.0
+    checkpointing: bool = False
+
+    def batched_forward_pass(self, model, *args, **kwargs):
+        if not (self.checkpointing and torch.is_grad_enabled()):
+            return super().batched_forward_pass(model, *args, **kwargs)
+        with _train_mode_kept(model):
+            return super().batched_forward_pass(model, *args, **kwargs)
+
+    def loss(self, old_logprobs, values, logits, vpreds, logprobs, mask, advantages, returns):
+        pg_loss, vf_term, stats = super().loss(old_logprobs, values, logits, vpreds, logprobs, mask, advantages,
+                                               returns)
+        if not self.entropy_coef:
+            return pg_loss, vf_term, stats
+        term = -self.entropy_coef * masked_mean(entropy_from_logits(logits), mask)
+        if masked_mean(torch.exp(logprobs - old_logprobs), mask).item() > self.config.ratio_threshold:
+            term = term * 0.0  # TRL's ratio-threshold skip zeroes the whole loss, this term too
+        stats["loss/entropy"] = term.detach()
+        stats["loss/total"] = stats["loss/total"] + term.detach()
+        return pg_loss + term, vf_term, stats
+
+
+@contextlib.contextmanager
+def _train_mode_kept(model):
+    """`model` in train mode, with its eval() a no-op until the block ends."""
+    was_training = model.training
+    model.train()
+    model.eval = lambda: model  # an instance attribute: shadows nn.Module.eval for this object only
+    try:
+        yield
+    finally:
+        del model.eval
+        model.train(was_training)
+
+
 def make_trainer(recipe: Recipe, model, tokenizer, deepspeed=None) -> PPOTrainer:
-    """TRL's PPOTrainer with the recipe's PPO section passed through field for field.
+    """TRL's PPOTrainer (with the two changes of _PPOTrainer) and the recipe's PPO section passed
+    through field for field.
 
     deepspeed: the plugin from distributed.deepspeed_plugin, when launched with DeepSpeed.
 
-    Gradient checkpointing is the one exception: TRL turns on the reentrant kind, which
-    needs inputs that require grad and warns on every no-grad scoring pass; the
-    non-reentrant kind needs neither, so it is switched on here instead.
+    Gradient checkpointing is switched on here, not by TRL: TRL turns on the reentrant kind,
+    which needs inputs that require grad and warns on every no-grad scoring pass; the
+    non-reentrant kind needs neither.
     """
     deepspeed = distributed.live_deepspeed(deepspeed)
     fields = dataclasses.asdict(recipe.ppo)
-    if fields.pop("gradient_checkpointing"):
+    checkpointing, entropy_coef = fields.pop("gradient_checkpointing"), fields.pop("entropy_coef")
+    if checkpointing:
         model.pretrained_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # TRL's scoring passes need no KV cache (generation sets its own), and with one asked for,
+        # every checkpointed pass logs that it is switched off
+        model.pretrained_model.config.use_cache = False
     config = PPOConfig(**fields, gradient_checkpointing=False, seed=recipe.run.seed, exp_name=recipe.name,
                        steps=recipe.run.steps * recipe.ppo.batch_size, log_with=None,
                        accelerator_kwargs={"deepspeed_plugin": deepspeed} if deepspeed else {})
-    trainer = PPOTrainer(config, model=model, ref_model=None, tokenizer=tokenizer)
+    trainer = _PPOTrainer(config, model=model, ref_model=None, tokenizer=tokenizer)
+    trainer.entropy_coef, trainer.checkpointing = entropy_coef, checkpointing
     # TRL keeps the trainable parameters as a one-shot filter(): max_grad_norm would clip
     # the first minibatch of the run and nothing after it
     trainer.model_params = [p for p in trainer.model.parameters() if p.requires_grad]
@@ -142,7 +198,8 @@ def step_is_finite(trainer: PPOTrainer, stats: dict[str, float]) -> bool:
     """False if the step produced a non-finite loss or left a non-finite trainable parameter."""
     if not all(np.isfinite(v) for k, v in stats.items() if k.startswith("ppo/loss/")):
         return False
-    return all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters() if p.requires_grad)
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())  # one device sync, not one a tensor
 
 
 # ---------------------------------------------------------------------------- stages before PPO

@@ -38,7 +38,7 @@ PER_PROCESS = 8
 # the quickstart with its stages cut to seconds, three PPO steps of 2 x 8, a checkpoint each step
 QUICKSTART = ["sft.epochs=0.1", "sft.heldout=50", "reward_model.epochs=0.1", "reward_model.heldout=50",
               f"ppo.batch_size={PER_PROCESS}", "ppo.mini_batch_size=4", "ppo.ppo_epochs=2", "eval.num_prompts=16",
-              "eval.every=2", "run.checkpoint_every=1", "run.sample_every=0"]
+              "eval.every=2", "run.checkpoint_every=1", "run.sample_every=0", "ppo.entropy_coef=0.01"]
 
 
 def launch(*args: str, env: dict | None = None, launcher: tuple = ("--multi_gpu",),

@@ -14,7 +14,7 @@ from rlhf_recipes.evaluation import SanityCheckError, evaluate, main as evaluati
 from rlhf_recipes.metrics import distinct_n, summarize, t_quantile, win_rate
 from rlhf_recipes.policy import build_policy, load_tokenizer
 from rlhf_recipes.rundir import read_heldout
-from rlhf_recipes.train import train
+from rlhf_recipes.training import train
 
 CPU = torch.device("cpu")
 

@@ -22,7 +22,7 @@ from rlhf_recipes.run import main
 
 def args_for(tiny_dir, out, *extra):
     return ["imdb_positive", *local_overrides("imdb_positive", tiny_dir), *SMALL, "ppo.learning_rate=1e-3",
-            "run.sample_every=0", f"run.output_dir={out}", *extra]
+            "ppo.entropy_coef=0.01", "run.sample_every=0", f"run.output_dir={out}", *extra]  # with the bonus on
 
 
 def start(argv):

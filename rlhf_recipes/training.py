@@ -15,7 +15,7 @@ import numpy as np
 from accelerate.utils import set_seed
 from rich.markup import escape
 
-from . import checkpoint, distributed, stages, trl_backend
+from . import checkpoint, distributed, stages, startup, trl_backend
 from .config import Recipe, RecipeError
 from .console import StepDisplay, append_jsonl, console, sample_table
 from .data import batch_indices, load_prompts
@@ -55,6 +55,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     device = state.device  # this process's accelerator if it has one, else the CPU
     rank, processes, main = state.process_index, state.num_processes, state.is_main_process
     deepspeed = distributed.deepspeed_plugin(recipe.ppo)  # refuses what cannot run, before minutes of loading
+    startup.check_device(recipe, device)
     saved = checkpoint.resume_point(out, recipe, processes, deepspeed is not None) if resume else None
 
     tokenizer = load_tokenizer("policy.model", recipe.policy.model, recipe.policy.trust_remote_code)
@@ -99,6 +100,12 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
                   f"{len(prompts.heldout)} held out, {run.steps} steps of {per_step}"
                   + (f" ({processes} processes x {recipe.ppo.batch_size})" if processes > 1 else "") + f" -> {out}",
                   soft_wrap=True)
+    if prompts.duplicates:
+        console.print(f"prompts: {prompts.duplicates} queries repeated an earlier one token for token and were "
+                      "dropped, so no held-out prompt is also a training prompt", soft_wrap=True)
+    for level, text in startup.notices(recipe, processes, device):
+        console.print(f"[yellow]warning:[/] {escape(text)}" if level == "warning" else f"note: {escape(text)}",
+                      soft_wrap=True)
 
     def save_checkpoint(done: int) -> Path:
         rngs = distributed.gather([checkpoint.rng_state()])  # each process's own, to resume its own sampling
