@@ -2,8 +2,8 @@
 machine's description, and the writing of one section of bench/RESULTS.md.
 
 Benchmarks are scripts, not tests: they take minutes, and their figures depend on the
-machine. Each one replaces its own section of RESULTS.md, headed with the machine, the
-command, the date and the library versions.
+machine. Each one prints its section, headed with the machine, the command, the date and the
+library versions, and with --record replaces that section of the tracked RESULTS.md.
 """
 from __future__ import annotations
 
@@ -19,6 +19,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
+# every script prints its section; only with --record does it replace that section of the tracked RESULTS.md
+RECORD = "--record" in sys.argv
+if RECORD:
+    sys.argv.remove("--record")
 MODELS = HERE / ".models"  # built on first use, not committed
 
 # name -> GPT-2 config: "small" is GPT-2 small (124M parameters); "tiny" is for quick runs
@@ -79,12 +83,17 @@ def machine() -> str:
 
 
 def write_section(name: str, body: str) -> None:
-    """Replace section `name` of RESULTS.md (or add it), with a header saying how it was made."""
+    """Print section `name`, with a header saying how it was made; with --record, also replace it
+    in RESULTS.md (or add it there)."""
     libs = ", ".join(f"{p} {version(p)}" for p in ("torch", "transformers", "trl", "peft", "bitsandbytes"))
     header = (f"<!-- {name} -->\n## {name}\n\n"
               f"- machine: {machine()}\n- command: `python {' '.join(sys.argv)}`\n"
               f"- date: {datetime.date.today().isoformat()}\n- versions: {libs}, python {platform.python_version()}\n\n")
     block = header + body.rstrip() + f"\n<!-- /{name} -->\n"
+    print(block)
+    if not RECORD:
+        print(f"(not recorded: rerun with --record to write it into {RESULTS})")
+        return
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nWritten by the scripts in bench/.\n\n"
     pattern = re.compile(rf"<!-- {re.escape(name)} -->.*?<!-- /{re.escape(name)} -->\n", re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text + "\n" + block

@@ -64,7 +64,7 @@ class Reward(Section):
     """
 
     section: typing.ClassVar[str] = "reward"
-    model: str = ""
+    model: Optional[str] = None
     """Hub id or local directory of a sequence-classification model."""
     label: Optional[str] = None
     """Label whose score is the reward; may be none only for a single-output classifier."""
@@ -79,9 +79,10 @@ class Reward(Section):
     """Truncate texts to this many classifier tokens; none means the classifier's own limit."""
 
     def check(self) -> None:
-        if self.model.strip() and self.function is not None:
-            raise RecipeError("reward takes reward.model (a classifier) or reward.function (a callable), "
-                              f"not both; got model={self.model!r}, function={self.function!r}")
+        if self.model and self.function is not None:
+            raise RecipeError(f"reward takes reward.model (a classifier) or reward.function (a callable), not both; "
+                              f"got model={self.model!r}, function={self.function!r}: to use the function, "
+                              "also set reward.model=none (or reward.function=none to keep the classifier)")
         self.require(self.scale != 0 and math.isfinite(self.scale), "scale", "must be a finite non-zero number")
         _positive(self, "batch_size", "max_length")
         if isinstance(self.function, str):
@@ -275,6 +276,9 @@ class Run(Section):
 
 SECTIONS: dict[str, type] = {c.section: c for c in (Policy, Reward, Prompts, Generation, PPO, Eval, Run,
                                                      SFT, RewardModel)}
+PATH_FIELDS = {"policy": ("model",), "reward": ("model",), "prompts": ("dataset",), "sft": ("dataset",),
+               "reward_model": ("dataset", "model")}
+"""Fields that name a model or dataset: a Hub id, or a local path."""
 STAGES = ("sft", "reward_model")
 """Optional sections: stages that run, in this order, before PPO."""
 

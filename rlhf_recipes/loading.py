@@ -5,11 +5,14 @@ as long tracebacks; here they become one RecipeError that says which field and w
 """
 from __future__ import annotations
 
+import glob
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 from typing import Any, Callable
 
-from .config import RecipeError
+from .config import PATH_FIELDS, RecipeError
 
 
 def describe_missing(key: str, name: str) -> str:
@@ -50,3 +53,28 @@ def _explain(err: BaseException) -> str:
 def first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def hub_names(recipe) -> list[tuple[str, str]]:
+    """(field, value) of each model or dataset field that names no local path: a Hub id."""
+    fields = [(f"{s}.{n}", getattr(getattr(recipe, s), n)) for s, names in PATH_FIELDS.items()
+              if getattr(recipe, s) is not None for n in names]
+    return [(k, v) for k, v in fields if isinstance(v, str) and v and not glob.glob(str(Path(v).expanduser()))]
+
+
+def check_hub(recipe, timeout: float = 5.0) -> None:
+    """With the Hub switched on and a recipe that needs it, fail in one line at once if it cannot
+    be reached, instead of after a minute of transformers' and datasets' retries."""
+    needed = hub_names(recipe)
+    if not needed or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError as err:
+        key, name = needed[0]
+        raise RecipeError(f"the Hugging Face Hub ({url.hostname}) cannot be reached ({err.strerror or err}), and "
+                          f"{key} {name!r} is a Hub id: connect to the network, or set HF_HUB_OFFLINE=1 to use "
+                          f"what is already in the Hugging Face cache, or set {key}=<local path>") from None

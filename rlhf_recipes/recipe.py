@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import glob
 import importlib
 import importlib.util
 import pkgutil
@@ -16,7 +18,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from .config import SECTIONS, Recipe, RecipeError, conforms, type_name
+from .config import PATH_FIELDS, SECTIONS, Recipe, RecipeError, conforms, type_name
 from .loading import first_line
 
 
@@ -81,6 +83,14 @@ def valid_keys() -> list[str]:
     return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
 
 
+def suggest(name: str, fields: list[str]) -> list[str]:
+    """The fields a mistyped `name` most likely meant: by initials (lr: learning_rate), by
+    containment (kl_coef: init_kl_coef), else by spelling."""
+    initials = [f for f in fields if "_" in f and "".join(w[0] for w in f.split("_")) == name]
+    contained = [f for f in fields if len(name) >= 3 and (name in f or f in name)]
+    return (initials or contained or difflib.get_close_matches(name, fields, n=2, cutoff=0.75))[:2]
+
+
 def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
     """A copy of `recipe` with each `section.field=value` applied, type-checked and re-validated."""
     changes: dict[str, dict[str, Any]] = {}
@@ -90,12 +100,16 @@ def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
         if not sep or not dot:
             raise RecipeError(f"override {item!r} must look like section.field=value, e.g. ppo.learning_rate=1e-5")
         if section not in SECTIONS:
-            raise RecipeError(f"unknown override section {section!r} in {item!r}; "
+            close = difflib.get_close_matches(section, SECTIONS, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise RecipeError(f"unknown override section {section!r} in {item!r}; {hint}"
                               f"valid sections: {', '.join(SECTIONS)}")
         fields = {f.name for f in dataclasses.fields(SECTIONS[section])}
         if name not in fields:
-            keys = ", ".join(k for k in valid_keys() if k.startswith(section + "."))
-            raise RecipeError(f"unknown override key {key!r}; valid keys: {keys}")
+            keys = [k for k in valid_keys() if k.startswith(section + ".")]
+            close = [f"{section}.{f}" for f in suggest(name, [f.name for f in dataclasses.fields(SECTIONS[section])])]
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            raise RecipeError(f"unknown override key {key!r}; {hint}valid keys: {', '.join(keys)}")
         tp = typing.get_type_hints(SECTIONS[section])[name]
         changes.setdefault(section, {})[name] = parse_value(text.strip(), tp, key)
     absent = [s for s in changes if getattr(recipe, s) is None]
@@ -104,6 +118,21 @@ def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
                           f"{absent[0]} stage; add one to the recipe file to configure it")
     updated = {s: dataclasses.replace(getattr(recipe, s), **kw) for s, kw in changes.items()}
     return dataclasses.replace(recipe, **updated)
+
+
+def absolute_paths(recipe: Recipe) -> Recipe:
+    """`recipe` with each local path in PATH_FIELDS made absolute (a glob stays a glob), so that
+    what a run records (recipe.json, the adapter's base model) holds from any directory."""
+    changes = {}
+    for section, names in PATH_FIELDS.items():
+        cfg = getattr(recipe, section)
+        if cfg is None:
+            continue
+        local = {n: str(Path(v).expanduser().absolute()) for n in names
+                 if (v := getattr(cfg, n)) and glob.glob(str(Path(v).expanduser()))}
+        if local:
+            changes[section] = dataclasses.replace(cfg, **local)
+    return dataclasses.replace(recipe, **changes)
 
 
 _TRUE, _FALSE, _NONE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}, {"none", "null"}

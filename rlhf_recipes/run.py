@@ -42,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_intermixed_args(argv)  # options anywhere, between overrides too
     try:
         recipe = apply_overrides(load_recipe(args.recipe), args.overrides)
         if args.dry_run:

@@ -53,7 +53,7 @@ def prepare(recipe: Recipe, out: Path, device: torch.device, train: bool = True,
     for name, run_stage in (("sft", _sft), ("reward_model", _reward_model)):
         cfg = getattr(recipe, name)
         if cfg is not None:
-            target = out / STAGES / name
+            target = (out / STAGES / name).absolute()  # the adapter records its base: from anywhere
             base = (cfg.model or ppo_recipe.policy.model) if name == "reward_model" else recipe.policy.model
             fingerprint = _fingerprint(name, cfg, base, recipe, processes)
             if _cached(target) != fingerprint:

@@ -20,9 +20,10 @@ from .config import Recipe, RecipeError
 from .console import StepDisplay, append_jsonl, console, sample_table
 from .data import batch_indices, load_prompts
 from .evaluation import evaluate
+from .loading import check_hub
 from .policy import build_policy, load_tokenizer
 from .reward import all_finite, build_reward, reward_inputs
-from .recipe import resolve_callable
+from .recipe import absolute_paths, resolve_callable
 from .rollout import decode_pairs, generate
 from .report import summary_line, write_report
 from .rundir import METRICS, MODEL, check_output_dir, save_policy, start_output_dir, write_heldout, write_metrics
@@ -51,6 +52,8 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     run, gen = recipe.run, recipe.generation
     out = Path(run.output_dir)
     check_output_dir(out, run.overwrite, resume)  # before minutes of loading, and before writing anything
+    check_hub(recipe)
+    recipe = absolute_paths(recipe)  # recipe.json and the saved adapter then work from any directory
     state = distributed.init()
     device = state.device  # this process's accelerator if it has one, else the CPU
     rank, processes, main = state.process_index, state.num_processes, state.is_main_process

@@ -39,7 +39,7 @@ CASES = [
     ("recipe code raises", ["{ws}/raises.py"], "line 3: JSONDecodeError"),
     ("misspelled section field", ["{ws}/wrong_field.py"], "lora_rank"),
     ("unknown option", ["imdb_positive", "--frobnicate"], "unrecognized arguments: --frobnicate"),
-    ("unknown override key", ["imdb_positive", "ppo.lr=1"], "unknown override key 'ppo.lr'; valid keys: ppo.learning_rate"),
+    ("unknown override key", ["imdb_positive", "ppo.lr=1"], "unknown override key 'ppo.lr'; did you mean ppo.learning_rate?"),
     ("unknown section", ["imdb_positive", "optim.lr=1"], "unknown override section 'optim' in 'optim.lr=1'; valid sections: policy"),
     ("override without =", ["imdb_positive", "ppo.batch_size"], "section.field=value"),
     ("wrong type", ["imdb_positive", "ppo.batch_size=abc"], "ppo.batch_size expects int, got 'abc'"),

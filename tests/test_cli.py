@@ -103,3 +103,19 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_fails_at_start(tiny_dir, t
     # a reward function that returns one number instead of a list fails at the first evaluation
     assert main(argv + ["run.overwrite=true", "reward.model=", "reward.function=builtins:len"]) == 2
     assert (out / "metrics.jsonl").read_text() == before and (out / "model" / "adapter_model.safetensors").exists()
+
+
+def test_options_go_anywhere_among_the_overrides(capsys):
+    assert main(["imdb_positive", "--dry-run", "ppo.learning_rate=2e-5", "run.steps=3"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["ppo"]["learning_rate"] == 2e-5 and printed["run"]["steps"] == 3
+
+
+def test_an_unreachable_hub_fails_at_once_in_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # the discard port: nothing listens, so the Hub is unreachable
+    done = subprocess.run([sys.executable, "-m", "rlhf_recipes.run", "imdb_positive", f"run.output_dir={tmp_path / 'r'}"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "cannot be reached" in done.stderr and "HF_HUB_OFFLINE=1" in done.stderr and "policy.model" in done.stderr
+    assert not (tmp_path / "r").exists()

@@ -96,7 +96,10 @@ def test_overrides_apply_and_revalidate():
 
 
 @pytest.mark.parametrize("item, message", [
-    ("ppo.lr=1", "unknown override key 'ppo.lr'; valid keys: ppo.learning_rate"),
+    ("ppo.lr=1", "unknown override key 'ppo.lr'; did you mean ppo.learning_rate? valid keys: ppo.learning_rate"),
+    ("ppo.kl_coef=1", "did you mean ppo.init_kl_coef?"),
+    ("ppo.learning_rat=1", "did you mean ppo.learning_rate?"),
+    ("rewards.model=x", "unknown override section 'rewards' in 'rewards.model=x'; did you mean reward?"),
     ("optim.lr=1", "unknown override section 'optim'"),
     ("learning_rate=1", "must look like section.field=value"),
     ("ppo.learning_rate", "must look like section.field=value"),
@@ -104,8 +107,15 @@ def test_overrides_apply_and_revalidate():
     ("policy.quantization=2bit", "policy.quantization expects one of"),
 ])
 def test_override_errors(item, message):
-    with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(".", r"\.").replace("?", r"\?")):
         apply_overrides(BASE, [item])
+
+
+def test_none_unsets_and_a_double_reward_says_what_to_type():
+    with pytest.raises(RecipeError, match="also set reward.model=none"):
+        apply_overrides(BASE, ["reward.function=builtins:len"])
+    recipe = apply_overrides(BASE, ["reward.function=builtins:len", "reward.model=none"])
+    assert recipe.reward.model is None and recipe.reward.function == "builtins:len"
 
 
 def test_every_field_is_a_valid_key():
