@@ -29,7 +29,11 @@ recipe = Recipe(
     # so the controller acts within this short run
     ppo=PPO(learning_rate=5e-4, batch_size=128, mini_batch_size=32, ppo_epochs=4,
             adap_kl_ctrl=True, init_kl_coef=0.2, target=6.0, horizon=320.0,
-            gamma=1.0, lam=0.95, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, max_grad_norm=1.0),
+            gamma=1.0, lam=0.95, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, max_grad_norm=1.0,
+            # an entropy bonus: without it the policy collapses onto fewer phrasings (held-out
+            # distinct-2 over all responses 0.27 -> 0.18); 0.01 keeps 0.27 at no cost in reward,
+            # 0.05 overshoots (entropy 2.2 nats against the reference's 1.6). See the README
+            entropy_coef=0.01),
     eval=Eval(num_prompts=256, batch_size=256, seed=1234, every=10, judge="rlhf_recipes.corpus:is_positive"),
     run=Run(output_dir="runs/quickstart", steps=50, seed=0, sample_every=10, sample_rows=4,
             checkpoint_every=20, keep_checkpoints=2, max_bad_batches=3),

@@ -4,16 +4,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Sequence
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.markup import escape
 from rich.table import Table
 
 # under `accelerate launch` only the main process (rank 0) speaks
 console = Console(highlight=False, quiet=os.environ.get("RANK", "0") != "0")
+if not console.is_terminal and "COLUMNS" not in os.environ:
+    console.width = 160  # piped to a log: rich would wrap tables at 80 columns
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -26,17 +29,20 @@ def step_summary(stats: dict[str, float]) -> str:
     """The figures a person watches: reward, KL, KL coefficient, loss and step time."""
     parts = [("reward", "env/reward_mean"), ("kl", "objective/kl"), ("kl_coef", "objective/kl_coef"),
              ("loss", "ppo/loss/total")]
-    text = " | ".join(f"{name} {stats[key]:.4g}" for name, key in parts if key in stats)
+    text = " | ".join(f"{name} {stats[key] + 0.0:.4g}" for name, key in parts if key in stats)  # no "-0"
     return text + (f" | {stats['time/step']:.2f}s" if "time/step" in stats else "")
 
 
 class StepDisplay:
-    """A live progress bar on a terminal; one readable line per step otherwise (logs, CI)."""
+    """A live progress bar on a terminal (steps, time, time left, the latest figures); lines when
+    piped (logs, CI): one per update, or at most one every `every` seconds and the last one."""
 
-    def __init__(self, total: int, start: int = 0):
-        self.total, self.live = total, console.is_terminal
+    def __init__(self, total: int, start: int = 0, label: str = "PPO", every: float = 0.0):
+        self.total, self.label, self.every, self.live = total, label, every, console.is_terminal
+        self.last_line = -math.inf
         if self.live:
-            self.bar = Progress(TextColumn("[bold]PPO"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            self.bar = Progress(TextColumn(f"[bold]{escape(label)}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
                                 TextColumn("{task.description}"), console=console)
             self.task = self.bar.add_task("", total=total, completed=start)
 
@@ -49,11 +55,16 @@ class StepDisplay:
         if self.live:
             self.bar.stop()
 
-    def update(self, step: int, stats: dict[str, float]) -> None:
+    def update(self, step: int, stats: dict[str, float] | str = "") -> None:
+        text = stats if isinstance(stats, str) else step_summary(stats)
         if self.live:
-            self.bar.update(self.task, completed=step, description=step_summary(stats))
-        else:
-            console.print(f"step {step}/{self.total} | {step_summary(stats)}", soft_wrap=True)
+            self.bar.update(self.task, completed=step, description=escape(text))
+            return
+        now = time.monotonic()
+        if now - self.last_line >= self.every or step >= self.total:
+            self.last_line = now
+            console.print(f"{self.label} {step}/{self.total}" if self.label != "PPO" else f"step {step}/{self.total}",
+                          f"| {text}" if text else "", soft_wrap=True)
 
 
 def sample_table(title: str, prompts: Sequence[str], responses: Sequence[str], rewards: Sequence[float],

@@ -119,6 +119,9 @@ def load_prompts(cfg: Prompts, tokenizer, heldout: int, seed: int) -> PromptSet:
     comes on top, once, at the start.
     """
     texts = load_texts(cfg)
+    if len(texts) <= heldout:
+        raise RecipeError(f"prompts: {cfg.dataset!r} has {len(texts)} usable texts after filtering, "
+                          f"but eval.num_prompts={heldout} are held out; lower eval.num_prompts or use more data")
     rng = np.random.default_rng(seed)
     texts = [texts[i] for i in rng.permutation(len(texts))]
     lengths = rng.integers(cfg.query_min_tokens, cfg.query_max_tokens + 1, size=len(texts))
@@ -135,7 +138,7 @@ def load_prompts(cfg: Prompts, tokenizer, heldout: int, seed: int) -> PromptSet:
             seen.setdefault(query, None)
     queries = [torch.tensor(q, dtype=torch.long) for q in seen]
     if len(queries) <= heldout:
-        raise RecipeError(f"prompts: {cfg.dataset!r} has {len(queries)} usable texts after filtering (distinct as prompts), "
+        raise RecipeError(f"prompts: {cfg.dataset!r} has {len(queries)} distinct prompts after filtering, "
                           f"but eval.num_prompts={heldout} are held out; lower eval.num_prompts or use more data")
     train = queries[heldout:]
     if cfg.max_prompts is not None:

@@ -25,6 +25,7 @@ import torch
 from . import distributed, stages
 from .checkpoint import latest
 from .config import SECTIONS, Recipe, RecipeError
+from .console import StepDisplay
 from .metrics import distinct_n, masked_mean, sequence_kl, summarize, token_entropy, token_logprobs, win_rate
 from .policy import build_policy, load_tokenizer
 from .recipe import apply_overrides, resolve_callable
@@ -42,8 +43,9 @@ class SanityCheckError(RecipeError):
 
 @torch.no_grad()
 def score_responses(model, queries: list[torch.Tensor], responses: list[torch.Tensor], pad_id: int,
-                    device: torch.device, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per sample: KL(policy || reference), the policy's and the reference's mean token entropy.
+                    device: torch.device, batch_size: int, done=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per sample: KL(policy || reference), the policy's and the reference's mean token entropy;
+    `done(n)`, if given, is told after each batch how many samples it held.
 
     queries, responses: n 1-D token tensors -> three (n,) arrays.
     """
@@ -64,6 +66,8 @@ def score_responses(model, queries: list[torch.Tensor], responses: list[torch.Te
         kl.append(sequence_kl(token_logprobs(logits, targets), token_logprobs(ref_logits, targets), mask))
         ent.append(masked_mean(token_entropy(logits), mask))
         ref_ent.append(masked_mean(token_entropy(ref_logits), mask))
+        if done is not None:
+            done(len(qs))
     return tuple(torch.cat(x).cpu().numpy() for x in (kl, ent, ref_ent))
 
 
@@ -90,25 +94,45 @@ def _evaluate(model, tokenizer, reward_fn, queries, recipe, device, step, check_
     gen = dataclasses.replace(gen, batch_size=ev.batch_size)
     judge = resolve_callable(ev.judge, "eval.judge") if ev.judge is not None else None
     sides = {}
-    for side, adapters in (("reference", model.pretrained_model.disable_adapter()), ("policy", contextlib.nullcontext())):
-        torch.manual_seed(ev.seed)  # same seed for both: identical models give identical samples
-        with adapters:
-            responses = generate(model, tokenizer, queries, lengths, gen, device)
-        prompts, texts = decode_pairs(tokenizer, queries, responses)
-        tokens = [r.tolist() for r in responses]
-        sides[side] = {"texts": texts, "tokens": tokens,
-                       "reward": np.asarray(reward_fn(reward_inputs(recipe.reward, prompts, texts)), dtype=float),
-                       "length": np.asarray([len(t) for t in tokens], dtype=float),
-                       "distinct_1": np.asarray([distinct_n([t], 1) for t in tokens]),
-                       "distinct_2": np.asarray([distinct_n([t], 2) for t in tokens])}
-        if judge is not None:
-            sides[side]["judged"] = np.asarray([float(bool(judge(t))) for t in texts])
-        kl, ent, ref_ent = score_responses(model, queries, responses, tokenizer.pad_token_id, device, ev.batch_size)
-        sides[side]["entropy"] = ent if side == "policy" else ref_ent
-        if side == "policy":
-            sides[side]["kl"] = kl
+    with StepDisplay(4 * len(queries), label=f"eval at step {step}", every=5.0) as display:
+        progress = [0]  # samples generated or scored, both sides
 
+        def done(n: int) -> None:
+            progress[0] += n
+            display.update(progress[0])
+
+        for side, adapters in (("reference", model.pretrained_model.disable_adapter()),
+                               ("policy", contextlib.nullcontext())):
+            torch.manual_seed(ev.seed)  # same seed for both: identical models give identical samples
+            with adapters:
+                responses = generate(model, tokenizer, queries, lengths, gen, device, done)
+            sides[side] = _per_sample(responses, *decode_pairs(tokenizer, queries, responses), reward_fn, judge, recipe)
+            kl, ent, ref_ent = score_responses(model, queries, responses, tokenizer.pad_token_id, device,
+                                               ev.batch_size, done)
+            sides[side]["entropy"] = ent if side == "policy" else ref_ent
+            if side == "policy":
+                sides[side]["kl"] = kl
+    return _record(sides, queries, recipe, judge, step, check_reference)
+
+
+def _per_sample(responses, prompts, texts, reward_fn, judge, recipe) -> dict:
+    """One side's texts and per-sample figures that need no model: reward, length, distinct-n, judge."""
+    tokens = [r.tolist() for r in responses]
+    out = {"prompts": prompts, "texts": texts, "tokens": tokens,
+           "reward": np.asarray(reward_fn(reward_inputs(recipe.reward, prompts, texts)), dtype=float),
+           "length": np.asarray([len(t) for t in tokens], dtype=float),
+           "distinct_1": np.asarray([distinct_n([t], 1) for t in tokens]),
+           "distinct_2": np.asarray([distinct_n([t], 2) for t in tokens])}
+    if judge is not None:
+        out["judged"] = np.asarray([float(bool(judge(t))) for t in texts])
+    return out
+
+
+def _record(sides: dict, queries, recipe: Recipe, judge, step: int, check_reference: bool) -> dict:
+    """The JSON-able record of one evaluation, from both sides' samples."""
+    ev = recipe.eval
     ref, pol = sides["reference"], sides["policy"]
+    prompts = pol["prompts"]
     keys = ("reward", "kl", "length", "distinct_1", "distinct_2", "entropy", "judged")
     record = {
         "step": step, "num_prompts": len(queries),

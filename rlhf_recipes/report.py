@@ -6,18 +6,23 @@ import math
 from pathlib import Path
 
 from .config import Generation
-from .rundir import EVAL, RECIPE, REPORT
+from .rundir import EVAL, MODEL, RECIPE, REPORT
 from .startup import sampling_note
 
 ROWS = [("reward", "reward"), ("kl", "KL(policy ‖ ref), nats"), ("length", "response length (tokens)"),
         ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"), ("entropy", "mean token entropy")]
 
 
+def num(x: float, digits: int = 3) -> str:
+    """`x` to `digits` places, with no minus sign on a value that rounds to zero ("0.000", not "-0.000")."""
+    return f"{round(x, digits) + 0.0:.{digits}f}"
+
+
 def _cell(stat: dict | None) -> str:
     if not stat or not math.isfinite(stat["mean"]):
         return "-"
     lo, hi = stat["ci95"]
-    return f"{stat['mean']:.3f} ± {(hi - lo) / 2:.3f}" if math.isfinite(lo) else f"{stat['mean']:.3f}"
+    return f"{num(stat['mean'])} ± {num((hi - lo) / 2)}" if math.isfinite(lo) else num(stat["mean"])
 
 
 def reward_gain(result: dict) -> float:
@@ -33,10 +38,11 @@ def summary_line(result: dict) -> str:
     imp = a["reward_improvement"]
     judged = (f"{a['judge']} {b['policy']['judged']['mean']:.0%} -> {a['policy']['judged']['mean']:.0%} | "
               if a.get("judge") else "")
-    return (f"reward {b['policy']['reward']['mean']:.3f} -> {a['policy']['reward']['mean']:.3f} "
-            f"({reward_gain(result):+.1f} ref std; improvement {imp['mean']:+.3f}, "
-            f"95% CI {imp['ci95'][0]:+.3f}..{imp['ci95'][1]:+.3f}) | {judged}"
-            f"KL {a['policy']['kl']['mean']:.3f} | win rate {a['win_rate']['mean']:.2f} | "
+    signed = lambda x: ("+" if round(x, 3) >= 0 else "") + num(x)  # noqa: E731
+    return (f"reward {num(b['policy']['reward']['mean'])} -> {num(a['policy']['reward']['mean'])} "
+            f"({reward_gain(result) + 0.0:+.1f} ref std; improvement {signed(imp['mean'])}, "
+            f"95% CI {signed(imp['ci95'][0])}..{signed(imp['ci95'][1])}) | {judged}"
+            f"KL {num(a['policy']['kl']['mean'])} | win rate {a['win_rate']['mean']:.2f} | "
             f"{a['num_prompts']} held-out prompts")
 
 
@@ -105,11 +111,41 @@ def plot(out: Path, result: dict, metrics: list[dict]) -> None:
     plt.close(fig)
 
 
+def model_card(result: dict, recipe: dict, model_dir: Path) -> str:
+    """model/README.md: what the adapter is, what it was trained against, how it scored, how to load it."""
+    b, a = result["before"], result["after"]
+    policy, reward, stages = recipe["policy"], recipe["reward"], [s for s in ("sft", "reward_model") if recipe.get(s)]
+    judged = (f"| share judged {a['judge']} | {_cell(b['policy']['judged'])} | {_cell(a['policy']['judged'])} |\n"
+              if a.get("judge") else "")
+    base = (f"the sft stage's output `{(model_dir.parent / 'stages' / 'sft').absolute()}`, fine-tuned from "
+            f"`{policy['model']}`" if recipe.get("sft") else f"`{policy['model']}`")
+    rewarded_by = (f"`{reward['model']}`, label `{reward['label']}`" if reward.get("model") else
+                   f"`{reward['function']}`" if reward.get("function") else "the reward model trained in its stage")
+    return (f"# {recipe['name']}: a LoRA adapter trained with PPO\n\n"
+            f"Made by rlhf_recipes from the recipe `{recipe['name']}`"
+            f"{' after its ' + ' and '.join(stages) + ' stage' + ('s' if len(stages) > 1 else '') if stages else ''}. "
+            f"Base model: {base}{' (' + policy['quantization'] + ')' if policy['quantization'] != 'none' else ''}"
+            f", as recorded in `adapter_config.json`. Reward: {rewarded_by} (input: {reward['input']}). "
+            f"The value head PPO trained is in `value_head.safetensors`; it is not needed to generate.\n\n"
+            f"## Held-out evaluation ({a['num_prompts']} prompts never trained on)\n\n"
+            "| | before (the reference) | after PPO |\n|---|---|---|\n"
+            f"| reward | {_cell(b['policy']['reward'])} | {_cell(a['policy']['reward'])} |\n"
+            f"| KL(policy ‖ reference), nats | {_cell(b['policy']['kl'])} | {_cell(a['policy']['kl'])} |\n"
+            f"{judged}| win rate over the reference | | {_cell(a['win_rate'])} |\n\n"
+            "Mean ± the half-width of a 95% interval; see the run's `report.md` for the rest.\n\n"
+            "## Load it\n\n```python\nfrom peft import AutoPeftModelForCausalLM\n"
+            "from transformers import AutoTokenizer\n\n"
+            f"model = AutoPeftModelForCausalLM.from_pretrained({str(model_dir.absolute())!r})\n"
+            f"tokenizer = AutoTokenizer.from_pretrained({str(model_dir.absolute())!r})\n```\n")
+
+
 def write_report(out: Path, result: dict, metrics: list[dict]) -> None:
-    """eval.json always; report.md and the plots once there is an 'after'."""
+    """eval.json always; report.md, the plots and the model card once there is an 'after'."""
     (out / EVAL).write_text(json.dumps(result, indent=1) + "\n")
     if result.get("after"):
         recipe = json.loads((out / RECIPE).read_text()) if (out / RECIPE).exists() else {}
         gen = recipe.get("generation")
         (out / REPORT).write_text(markdown(result, sampling_note(Generation(**gen)) if gen else None))
         plot(out, result, metrics)
+        if recipe and (out / MODEL).is_dir():
+            (out / MODEL / "README.md").write_text(model_card(result, recipe, out / MODEL))

@@ -62,8 +62,9 @@ def evaluating(model):
 
 
 def generate(model, tokenizer, queries: list[torch.Tensor], lengths: list[int], gen: Generation,
-             device: torch.device) -> list[torch.Tensor]:
-    """One response per query, `lengths[i]` tokens at most, in batches of gen.batch_size.
+             device: torch.device, done=None) -> list[torch.Tensor]:
+    """One response per query, `lengths[i]` tokens at most, in batches of gen.batch_size;
+    `done(n)`, if given, is told after each batch how many queries it held.
 
     Sampling is in eval mode: TRL leaves the model training, and in train mode dropout is
     live and gradient checkpointing drops the KV cache, so each token would see one token.
@@ -79,6 +80,8 @@ def generate(model, tokenizer, queries: list[torch.Tensor], lengths: list[int], 
                                  use_model_defaults=False)  # else the model's own defaults fill our unset fields
             new = out[:, ids.shape[1]:].cpu()
             responses.extend(cut_response(row, n, tokenizer.eos_token_id) for row, n in zip(new, ls))
+            if done is not None:
+                done(len(qs))
     return responses
 
 

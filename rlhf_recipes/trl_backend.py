@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate.utils import DistributedType
-from transformers import PrinterCallback
+from transformers import PrinterCallback, TrainerCallback
 from trl import (AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer, RewardConfig, RewardTrainer, SFTConfig,
                  SFTTrainer)
 from trl.core import entropy_from_logits, masked_mean
 
 from . import distributed
+from .console import StepDisplay
 from .config import SFT, Recipe, RecipeError, RewardModel
 
 
@@ -203,6 +204,25 @@ def step_is_finite(trainer: PPOTrainer, stats: dict[str, float]) -> bool:
 
 
 # ---------------------------------------------------------------------------- stages before PPO
+class _Progress(TrainerCallback):
+    """A stage's progress bar (steps, the latest logged loss, time left), or a line every 5 s when piped."""
+
+    def __init__(self, label: str):
+        self.label, self.display, self.loss = label, None, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.display = StepDisplay(state.max_steps, label=self.label, every=5.0).__enter__()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.loss = (logs or {}).get("loss", self.loss)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.display.update(state.global_step, f"loss {self.loss:.4g}" if self.loss is not None else "")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.display.__exit__(None, None, None)
+
+
 def _trainer_args(cfg: SFT | RewardModel, seed: int, work_dir: Path) -> dict:
     """The transformers Trainer settings both stages share: the section's own values, a cosine
     schedule with 5% warm-up and no weight decay, and nothing saved or reported by the Trainer."""
@@ -221,7 +241,7 @@ def train_sft(model, tokenizer, texts: list[str], cfg: SFT, seed: int, work_dir:
     args = SFTConfig(**_trainer_args(cfg, seed, work_dir), dataset_text_field="text",
                      max_seq_length=cfg.max_length, packing=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, tokenizer=tokenizer,
-                         data_collator=lambda rows: _lm_batch(tokenizer, rows))
+                         data_collator=lambda rows: _lm_batch(tokenizer, rows), callbacks=[_Progress("sft")])
     trainer.remove_callback(PrinterCallback)  # a raw dict per log step; the stage prints its own summary
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -255,7 +275,8 @@ def train_reward_model(model, tokenizer, pairs: list[tuple[str, str]], cfg: Rewa
                               "attention_mask_rejected": rejected["attention_mask"]})
     args = RewardConfig(**_trainer_args(cfg, seed, work_dir), max_length=cfg.max_length,
                         remove_unused_columns=False, center_rewards_coefficient=cfg.center_rewards)
-    trainer = _PairwiseRewardTrainer(model=model, args=args, train_dataset=data, tokenizer=tokenizer)
+    trainer = _PairwiseRewardTrainer(model=model, args=args, train_dataset=data, tokenizer=tokenizer,
+                                     callbacks=[_Progress("reward_model")])
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]

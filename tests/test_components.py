@@ -143,7 +143,7 @@ def test_prompts_hold_out_filter_and_cut(tiny_dir):
     rows = [json.loads(line) for line in open(tiny_dir / "toxicity.jsonl")]
     toxic = sum(r["prompt"]["toxicity"] > 0.5 for r in rows)
     a, b = load_prompts(cfg, tok, heldout=20, seed=0), load_prompts(cfg, tok, heldout=20, seed=0)
-    assert len(a.heldout) == 20 and len(a.train) + 20 == toxic
+    assert len(a.heldout) == 20 and len(a.train) + 20 + a.duplicates == toxic and a.duplicates > 0
     assert all(2 <= len(q) <= 5 for q in a.train + a.heldout)
     assert [q.tolist() for q in a.train] == [q.tolist() for q in b.train]  # seeded
     with pytest.raises(RecipeError, match="prompts.text_column 'review' is not in .* its columns: prompt"):

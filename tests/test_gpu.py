@@ -13,9 +13,11 @@ from test_distributed import TESTS, launch, trainable
 from rlhf_recipes.rundir import read_metrics
 from rlhf_recipes.run import main
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
-    not (os.environ.get("RLHF_RECIPES_GPU_TESTS") == "1" and torch.cuda.is_available()),
-    reason="opt-in: set RLHF_RECIPES_GPU_TESTS=1 on a CUDA machine")]
+OPTED_IN = os.environ.get("RLHF_RECIPES_GPU_TESTS") == "1"
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not OPTED_IN, reason="opt-in: set RLHF_RECIPES_GPU_TESTS=1 on a CUDA machine"),
+              pytest.mark.skipif(OPTED_IN and not torch.cuda.is_available(),
+                                 reason="RLHF_RECIPES_GPU_TESTS=1 is set, but torch finds no CUDA GPU here")]
 
 
 @pytest.mark.parametrize("quantization", ["none", "8bit", "4bit"])

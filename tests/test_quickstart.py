@@ -1,6 +1,9 @@
 """The quickstart, shortened, end to end through the CLI from nothing but the shipped corpus:
 SFT, reward model, PPO. It must learn: reward up significantly, more positive reviews, KL bounded."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -26,3 +29,8 @@ def test_a_short_quickstart_learns_and_holds_the_kl(tmp_path):
     stages = {s: json.loads((out / "stages" / s / "stage.json").read_text()) for s in ("sft", "reward_model")}
     assert stages["sft"]["heldout_loss_after"] < stages["sft"]["heldout_loss_before"]
     assert stages["reward_model"]["heldout_accuracy_after"] >= 0.9
+    # the README's figures are formatted from a run like this one, by this script
+    done = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "docs" / "readme_figures.py"),
+                           "--run-dir", str(out)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert f"{after['policy']['judged']['mean']:.1%}" in done.stdout and "reference standard deviations" in done.stdout
