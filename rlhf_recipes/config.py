@@ -266,8 +266,18 @@ class Run(Section):
     max_bad_batches: int = 3
     """Stop, with a checkpoint of the last good state, after this many batches in a row
     with non-finite rewards or losses (each one is skipped and rolled back)."""
+    report_to: Union[str, tuple[str, ...]] = "none"
+    """Experiment trackers, as in transformers: none, tensorboard, wandb, trackio, or several
+    (comma-separated). Logs go to OUTPUT_DIR/trackers; each needs its own pip package."""
+    run_name: Optional[str] = None
+    """The run's name in the trackers; none means the recipe's name."""
 
     def check(self) -> None:
+        if isinstance(self.report_to, str):
+            object.__setattr__(self, "report_to", tuple(n.strip() for n in self.report_to.split(",") if n.strip()))
+        unknown = [n for n in self.report_to if n not in ("none", "tensorboard", "wandb", "trackio")]
+        self.require(not unknown and bool(self.report_to), "report_to",
+                     "must be none, tensorboard, wandb or trackio (comma-separated for several)")
         self.require(bool(self.output_dir.strip()), "output_dir", "must name a directory")
         _positive(self, "steps", "sample_rows", "checkpoint_every", "keep_checkpoints", "max_bad_batches")
         self.require(0 <= self.seed < 2 ** 32, "seed", "must be in [0, 2**32)")

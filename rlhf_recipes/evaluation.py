@@ -11,7 +11,6 @@ re-evaluates a saved run (before: a fresh adapter, i.e. the reference; after: th
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -32,6 +31,7 @@ from .recipe import apply_overrides, resolve_callable
 from .report import summary_line, write_report
 from .reward import build_reward, reward_inputs
 from .rollout import decode_pairs, evaluating, generate, pad_batch
+from .run import OneLineParser
 from .rundir import EVAL, HELDOUT, MODEL, RECIPE, load_policy_weights, read_heldout, read_metrics
 
 KL_AT_START_TOLERANCE = 1e-6
@@ -174,8 +174,20 @@ def recipe_from_dict(data: dict) -> Recipe:
     return Recipe(name=data["name"], **sections)
 
 
-def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dict:
-    """Re-evaluate a saved run from its recipe.json, heldout.jsonl and model/; rewrites eval.json and the report."""
+@dataclasses.dataclass
+class SavedRun:
+    """A finished run, loaded back: the recipe PPO ran (stage outputs in place), its policy (the
+    adapter loaded, or fresh when weights=False, i.e. the reference) and what scored it."""
+
+    out: Path
+    recipe: Recipe
+    tokenizer: object
+    policy: object
+    device: torch.device
+
+
+def saved_recipe(run_dir: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, torch.device]:
+    """The recipe a finished run's PPO ran, its stages' outputs in place, and this process's device."""
     out = Path(run_dir)
     for needed in (RECIPE, HELDOUT, f"{MODEL}/adapter_model.safetensors"):
         if not (out / needed).exists():
@@ -184,15 +196,31 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
     device = distributed.init().device
     saved = latest(out)  # how many processes trained it (and its stages): a stage's fingerprint counts them
     processes = saved.state.get("processes", 1) if saved is not None else 1
-    recipe = stages.prepare(recipe, out, device, train=False, processes=processes)  # the models it trained with
+    return stages.prepare(recipe, out, device, train=False, processes=processes), device  # the models it used
+
+
+def load_run(run_dir: str | Path, overrides: list[str] | None = None, weights: bool = True) -> SavedRun:
+    """Rebuild a saved run from its recipe.json, stages/ and model/."""
+    out = Path(run_dir)
+    recipe, device = saved_recipe(out, overrides)
     tokenizer = load_tokenizer("policy.model", str(out / MODEL))
+    policy = build_policy(recipe.policy, device)
+    if weights:
+        load_policy_weights(policy, out / MODEL)
+    return SavedRun(out, recipe, tokenizer, policy, device)
+
+
+def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dict:
+    """Re-evaluate a saved run from its recipe.json, heldout.jsonl and model/; rewrites eval.json and the report."""
+    run = load_run(run_dir, overrides, weights=False)
+    out, recipe, device = run.out, run.recipe, run.device
     queries = read_heldout(out)
     reward_fn = build_reward(recipe.reward, device)
-    policy = build_policy(recipe.policy, device)
-    before = evaluate(policy, tokenizer, reward_fn, queries, recipe, device, step=0, check_reference=True)
-    load_policy_weights(policy, out / MODEL)
+    before = evaluate(run.policy, run.tokenizer, reward_fn, queries, recipe, device, step=0, check_reference=True)
+    load_policy_weights(run.policy, out / MODEL)
     metrics = read_metrics(out)
-    after = evaluate(policy, tokenizer, reward_fn, queries, recipe, device, step=metrics[-1]["step"] if metrics else 0)
+    after = evaluate(run.policy, run.tokenizer, reward_fn, queries, recipe, device,
+                     step=metrics[-1]["step"] if metrics else 0)
     previous = json.loads((out / EVAL).read_text()) if (out / EVAL).exists() else {}
     result = {"recipe": recipe.name, "before": before, "during": previous.get("during", []), "after": after}
     write_report(out, result, metrics)
@@ -200,7 +228,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rlhf_recipes.evaluation",
+    parser = OneLineParser(prog="python -m rlhf_recipes.evaluation",
                                      description="Re-evaluate a saved run against its reference.")
     parser.add_argument("run_dir")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value")

@@ -17,14 +17,14 @@ from .recipe import apply_overrides, load_recipe, shipped_recipes, valid_keys
 from .stopping import RunStopped
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
         print(f"error: {message}; see --help", file=sys.stderr)
         raise SystemExit(2)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog="python -m rlhf_recipes.run",
         description="Train a recipe with PPO. RECIPE is a recipe file's path or a shipped recipe's name.",
         epilog=f"shipped recipes: {', '.join(shipped_recipes())}\n"

@@ -48,7 +48,8 @@ def check_output_dir(out: Path, overwrite: bool, resume: bool = False) -> None:
 
 # Fields a resumed run may change: they decide how long to run and what to show, not what is learned.
 RESUMABLE_CHANGES = frozenset({"run.steps", "run.sample_every", "run.sample_rows", "run.overwrite",
-                               "run.checkpoint_every", "run.keep_checkpoints", "run.max_bad_batches", "eval.every"})
+                               "run.checkpoint_every", "run.keep_checkpoints", "run.max_bad_batches", "eval.every",
+                               "run.report_to", "run.run_name"})
 
 
 def check_same_recipe(out: Path, recipe: Recipe) -> None:

@@ -36,6 +36,7 @@ from .policy import DTYPES, add_lora, load_tokenizer
 from .reward import model_inputs
 from .rollout import evaluating
 from .rundir import STAGES, atomic_dir
+from .trackers import trainer_settings
 
 STAGE_FILE = "stage.json"
 
@@ -60,7 +61,7 @@ def prepare(recipe: Recipe, out: Path, device: torch.device, train: bool = True,
                 if not train:
                     raise RecipeError(f"{target} is missing or was trained from other inputs; "
                                       "run the recipe again to rebuild it")
-                _build(target, fingerprint, lambda tmp: run_stage(recipe, base, tmp, device))
+                _build(target, fingerprint, lambda tmp: run_stage(recipe, base, tmp, device, out))
             else:
                 console.print(f"{name}: reusing {target} (its inputs are unchanged)")
             ppo_recipe = _use_output(ppo_recipe, name, target)
@@ -78,7 +79,7 @@ def _use_output(recipe: Recipe, name: str, target: Path) -> Recipe:
 
 
 # ---------------------------------------------------------------------------- the two stages
-def _sft(recipe: Recipe, base: str, tmp: Path | None, device: torch.device) -> dict:
+def _sft(recipe: Recipe, base: str, tmp: Path | None, device: torch.device, out: Path) -> dict:
     cfg, policy = recipe.sft, recipe.policy
     tokenizer = load_tokenizer("policy.model", base, policy.trust_remote_code)
     rows = load_columns("sft", cfg.dataset, cfg.split, None, {"text_column": cfg.text_column})
@@ -93,7 +94,8 @@ def _sft(recipe: Recipe, base: str, tmp: Path | None, device: torch.device) -> d
                                 dtype=DTYPES[policy.dtype], trust_remote_code=policy.trust_remote_code)
     model = add_lora(model.to(device), policy) if cfg.method == "lora" else model.to(device)
     fitted = _fit(tmp, lambda: heldout_loss(model, tokenizer, held, cfg.max_length),
-                  lambda work: trl_backend.train_sft(model, tokenizer, train, cfg, recipe.run.seed, work))
+                  lambda work: trl_backend.train_sft(model, tokenizer, train, cfg, recipe.run.seed, work,
+                                                     trainer_settings(recipe.run.report_to, out, "sft")))
     if fitted is None:
         return {}
     before, after, losses = fitted
@@ -105,7 +107,7 @@ def _sft(recipe: Recipe, base: str, tmp: Path | None, device: torch.device) -> d
     return {"texts": len(train), "heldout_loss_before": before, "heldout_loss_after": after, "train_losses": losses}
 
 
-def _reward_model(recipe: Recipe, base: str, tmp: Path | None, device: torch.device) -> dict:
+def _reward_model(recipe: Recipe, base: str, tmp: Path | None, device: torch.device, out: Path) -> dict:
     cfg = recipe.reward_model
     tokenizer = load_tokenizer("reward_model.model", base)
     rows = load_columns("reward_model", cfg.dataset, cfg.split, None,
@@ -120,7 +122,9 @@ def _reward_model(recipe: Recipe, base: str, tmp: Path | None, device: torch.dev
                                  base, config=config))
     model.to(device)
     fitted = _fit(tmp, lambda: pair_accuracy(model, tokenizer, held, cfg.max_length),
-                  lambda work: trl_backend.train_reward_model(model, tokenizer, train, cfg, recipe.run.seed, work))
+                  lambda work: trl_backend.train_reward_model(model, tokenizer, train, cfg, recipe.run.seed, work,
+                                                              trainer_settings(recipe.run.report_to, out,
+                                                                               "reward_model")))
     if fitted is None:
         return {}
     before, after, losses = fitted

@@ -15,7 +15,7 @@ import numpy as np
 from accelerate.utils import set_seed
 from rich.markup import escape
 
-from . import checkpoint, distributed, stages, startup, trl_backend
+from . import checkpoint, distributed, stages, startup, trackers, trl_backend
 from .config import Recipe, RecipeError
 from .console import StepDisplay, append_jsonl, console, sample_table
 from .data import batch_indices, load_prompts
@@ -53,6 +53,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     out = Path(run.output_dir)
     check_output_dir(out, run.overwrite, resume)  # before minutes of loading, and before writing anything
     check_hub(recipe)
+    trackers.check_installed(run.report_to)
     recipe = absolute_paths(recipe)  # recipe.json and the saved adapter then work from any directory
     state = distributed.init()
     device = state.device  # this process's accelerator if it has one, else the CPU
@@ -98,6 +99,9 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
         console.print(f"resuming from {saved.path} (step {start})")
     if main:
         write_report(out, evaluation, records)
+    tracked = trackers.Trackers(run.report_to, run.run_name or recipe.name, out, start, main)
+    if saved is None:
+        tracked.log_evaluation(evaluation["before"])
     per_step = recipe.ppo.batch_size * processes
     console.print(f"[bold]{escape(recipe.name)}[/]: {len(prompts.train)} training prompts, "
                   f"{len(prompts.heldout)} held out, {run.steps} steps of {per_step}"
@@ -165,12 +169,15 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
                 })
                 if main:
                     append_jsonl(out / METRICS, stats)
+                tracked.log(stats, step + 1)
                 records.append(stats)
                 display.update(step + 1, stats)
                 if run.sample_every and (step + 1) % run.sample_every == 0 and step + 1 < run.steps:
                     sample_table(f"samples at step {step + 1}", query_texts, response_texts, rewards, run.sample_rows)
+                    tracked.log_samples(step + 1, query_texts, response_texts, rewards)
                 if recipe.eval.every and (step + 1) % recipe.eval.every == 0 and step + 1 < run.steps:
                     evaluation["during"].append(held_out(step + 1))
+                    tracked.log_evaluation(evaluation["during"][-1])
                     if main:
                         write_report(out, evaluation, records)
 
@@ -180,6 +187,8 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
             signalled = distributed.any_process(signalled is not None) and (signalled or "a signal to another process")
             if failing or signalled or (step + 1) % run.checkpoint_every == 0 or step + 1 == run.steps:
                 path = save_checkpoint(step + 1)
+            if failing or signalled:
+                tracked.finish()
             if failing:
                 raise RunStopped(f"{bad_in_row} batches in a row had non-finite rewards or losses (to step {step + 1}); "
                                  f"the last good state is in {path}; fix the reward function or data and resume, "
@@ -192,8 +201,11 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
         save_policy(policy, tokenizer, out / MODEL)
     if records and start < run.steps and records[-1]["step"] == run.steps:  # this process sampled the last step
         sample_table(f"samples at step {run.steps}", query_texts, response_texts, rewards, run.sample_rows)
+        tracked.log_samples(run.steps, query_texts, response_texts, rewards)
     console.print(f"saved adapter, value head and tokenizer to {out / MODEL}")
     evaluation["after"] = held_out(run.steps)
+    tracked.log_evaluation(evaluation["after"])
+    tracked.finish()
     if main:
         write_report(out, evaluation, records)
     console.print(f"held-out evaluation: {summary_line(evaluation)}; see {out / 'report.md'}", soft_wrap=True)

@@ -223,22 +223,23 @@ class _Progress(TrainerCallback):
         self.display.__exit__(None, None, None)
 
 
-def _trainer_args(cfg: SFT | RewardModel, seed: int, work_dir: Path) -> dict:
+def _trainer_args(cfg: SFT | RewardModel, seed: int, work_dir: Path, report: dict) -> dict:
     """The transformers Trainer settings both stages share: the section's own values, a cosine
-    schedule with 5% warm-up and no weight decay, and nothing saved or reported by the Trainer."""
+    schedule with 5% warm-up and no weight decay, nothing saved by the Trainer, and the run's
+    trackers (`report`, from trackers.trainer_settings)."""
     return dict(output_dir=str(work_dir), learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs,
                 per_device_train_batch_size=cfg.batch_size, lr_scheduler_type="cosine", warmup_ratio=0.05,
-                weight_decay=0.0, seed=seed, logging_steps=10, save_strategy="no", report_to="none",
+                weight_decay=0.0, seed=seed, logging_steps=10, save_strategy="no", **report,
                 disable_tqdm=True, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
                 ddp_find_unused_parameters=False)  # under accelerate launch: every weight is used
 
 
-def train_sft(model, tokenizer, texts: list[str], cfg: SFT, seed: int, work_dir: Path) -> list[float]:
+def train_sft(model, tokenizer, texts: list[str], cfg: SFT, seed: int, work_dir: Path, report: dict) -> list[float]:
     """TRL's SFTTrainer on `texts` (each ending in EOS, so the model learns to stop); returns the logged losses."""
     from datasets import Dataset
 
     data = Dataset.from_dict({"text": [t + tokenizer.eos_token for t in texts]})
-    args = SFTConfig(**_trainer_args(cfg, seed, work_dir), dataset_text_field="text",
+    args = SFTConfig(**_trainer_args(cfg, seed, work_dir, report), dataset_text_field="text",
                      max_seq_length=cfg.max_length, packing=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, tokenizer=tokenizer,
                          data_collator=lambda rows: _lm_batch(tokenizer, rows), callbacks=[_Progress("sft")])
@@ -264,7 +265,7 @@ class _PairwiseRewardTrainer(RewardTrainer):
 
 
 def train_reward_model(model, tokenizer, pairs: list[tuple[str, str]], cfg: RewardModel, seed: int,
-                       work_dir: Path) -> list[float]:
+                       work_dir: Path, report: dict) -> list[float]:
     """TRL's RewardTrainer on (chosen, rejected) pairs: -log sigmoid(r_chosen - r_rejected), plus a
     small pull of the rewards towards 0 so PPO sees centred values; returns the logged losses."""
     from datasets import Dataset
@@ -273,7 +274,7 @@ def train_reward_model(model, tokenizer, pairs: list[tuple[str, str]], cfg: Rewa
     data = Dataset.from_dict({"input_ids_chosen": chosen["input_ids"], "attention_mask_chosen": chosen["attention_mask"],
                               "input_ids_rejected": rejected["input_ids"],
                               "attention_mask_rejected": rejected["attention_mask"]})
-    args = RewardConfig(**_trainer_args(cfg, seed, work_dir), max_length=cfg.max_length,
+    args = RewardConfig(**_trainer_args(cfg, seed, work_dir, report), max_length=cfg.max_length,
                         remove_unused_columns=False, center_rewards_coefficient=cfg.center_rewards)
     trainer = _PairwiseRewardTrainer(model=model, args=args, train_dataset=data, tokenizer=tokenizer,
                                      callbacks=[_Progress("reward_model")])
