@@ -25,18 +25,30 @@ def describe_missing(key: str, name: str) -> str:
 
 def load_pretrained(key: str, loader: Callable[..., Any], name: str, **kwargs: Any) -> Any:
     """`loader(name, **kwargs)` (a from_pretrained), turning load failures into a RecipeError naming `key`."""
+    import pickle
+
+    from .compat import no_progress_bars
+
     path = Path(name).expanduser()
     if path.exists():
         try:
-            return loader(str(path), **kwargs)
+            with no_progress_bars():
+                return loader(str(path), **kwargs)
+        except pickle.UnpicklingError:  # transformers 5.x lets torch's refusal through
+            raise RecipeError(f"{key}: {name!r} exists but does not load: {_PICKLED}") from None
         except (OSError, ValueError) as err:  # ValueError: e.g. a classifier where a causal LM belongs
             raise RecipeError(f"{key}: {name!r} exists but does not load: {_explain(err)}") from None
     if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not an org/name Hub id
         raise RecipeError(f"{key}: local path {name!r} does not exist; fix the path or give a Hub id")
     try:
-        return loader(name, **kwargs)
+        with no_progress_bars():
+            return loader(name, **kwargs)
     except OSError:
         raise RecipeError(describe_missing(key, name)) from None
+
+
+_PICKLED = ("its pickled weights (.bin) hold more than tensors, and pickled code is never run; "
+            "use a safetensors copy of the model")
 
 
 def _explain(err: BaseException) -> str:
@@ -45,8 +57,7 @@ def _explain(err: BaseException) -> str:
     if "custom code" in text:
         return text + " It runs only if the recipe sets policy.trust_remote_code=true (for code you trust)"
     if "pytorch checkpoint" in text:  # transformers reads .bin files with torch.load(weights_only=True)
-        return ("its pickled weights (.bin) hold more than tensors, and pickled code is never run; "
-                "use a safetensors copy of the model")
+        return _PICKLED
     return text
 
 

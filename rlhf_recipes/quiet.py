@@ -19,6 +19,8 @@ _WARNINGS = [  # (message regex, category, module regex)
     (r"`tokenizer` is deprecated and will be removed in version 5\.0\.0", FutureWarning, r"trl\."),
     # TRL's reward collator pads to the longest pair with a max_length it does not need
     (r"`max_length` is ignored when `padding`=`True`", UserWarning, r"transformers\."),
+    # transformers 5.x: PEFT still asks for the old name
+    (r"`is_gradient_checkpointing` is deprecated", FutureWarning, r"transformers\."),
 ]
 _LOG_MESSAGES = {  # logger name -> substrings of records to drop
     "transformers.tokenization_utils_base": ["Please note that with a fast tokenizer"],

@@ -50,6 +50,21 @@ def sampling_config(gen: Generation, max_new_tokens: int, tokenizer) -> Generati
 
 
 @contextlib.contextmanager
+def no_model_defaults(model):
+    """The model's own generation_config blanked while inside: transformers fills every sampling
+    field we leave unset from it (4.57 unless told use_model_defaults=False, 5.x always), and its
+    repetition penalties, suppressed tokens or minimum lengths would bias the sampled KL."""
+    inner = getattr(model, "pretrained_model", model)  # TRL's value-head wrapper
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # PEFT's
+    saved = base.generation_config
+    base.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        base.generation_config = saved
+
+
+@contextlib.contextmanager
 def evaluating(model):
     """Eval mode (no dropout) and no gradients inside; the model's own mode restored after."""
     was_training = model.training
@@ -75,9 +90,9 @@ def generate(model, tokenizer, queries: list[torch.Tensor], lengths: list[int], 
         for start in range(0, len(queries), chunk):
             qs, ls = queries[start:start + chunk], lengths[start:start + chunk]
             ids, mask = pad_batch(qs, tokenizer.pad_token_id, side="left")
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 generation_config=sampling_config(gen, max(ls), tokenizer),
-                                 use_model_defaults=False)  # else the model's own defaults fill our unset fields
+            with no_model_defaults(model):
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     generation_config=sampling_config(gen, max(ls), tokenizer))
             new = out[:, ids.shape[1]:].cpu()
             responses.extend(cut_response(row, n, tokenizer.eos_token_id) for row, n in zip(new, ls))
             if done is not None:

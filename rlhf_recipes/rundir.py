@@ -21,6 +21,7 @@ import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from .compat import no_progress_bars
 from .config import Recipe, RecipeError
 
 RECIPE, METRICS, MODEL, VALUE_HEAD = "recipe.json", "metrics.jsonl", "model", "value_head.safetensors"
@@ -104,7 +105,8 @@ def atomic_dir(target: Path):
     tmp, old = (target.with_name(f".{kind}-{target.name}-{os.getpid()}") for kind in ("tmp", "old"))
     tmp.mkdir(parents=True)
     try:
-        yield tmp
+        with no_progress_bars():  # transformers 5.x draws one per model saved
+            yield tmp
         for f in tmp.rglob("*"):
             if f.is_file():
                 _fsync(f)

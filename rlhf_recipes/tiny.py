@@ -31,6 +31,8 @@ from transformers import (DistilBertConfig, DistilBertForSequenceClassification,
                           LlamaTokenizerFast, PreTrainedTokenizerFast,
                           RobertaConfig, RobertaForSequenceClassification, RobertaTokenizerFast)
 
+from .compat import no_progress_bars
+
 _GOOD = ["wonderful", "moving", "brilliant", "charming", "gripping", "funny", "beautiful", "superb"]
 _BAD = ["dull", "clumsy", "boring", "tedious", "messy", "flat", "predictable", "weak"]
 _THINGS = ["the acting", "the plot", "the script", "the music", "the ending", "the cast", "the director",
@@ -131,7 +133,11 @@ def causal_lm(arch: str, tokenizer: PreTrainedTokenizerFast, width: int = 32, la
 
 def build(out_dir: str | Path, seed: int = 0) -> Path:
     """Write every local model and prompt file listed in this module's docstring under `out_dir`."""
-    out = Path(out_dir)
+    with no_progress_bars():  # transformers 5.x draws one per model saved
+        return _build(Path(out_dir), seed)
+
+
+def _build(out: Path, seed: int) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     corpus = review_corpus(600, seed)

@@ -14,13 +14,17 @@ import numpy as np
 import torch
 from accelerate.utils import DistributedType
 from transformers import PrinterCallback, TrainerCallback
-from trl import (AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer, RewardConfig, RewardTrainer, SFTConfig,
-                 SFTTrainer)
-from trl.core import entropy_from_logits, masked_mean
 
-from . import distributed
-from .console import StepDisplay
-from .config import SFT, Recipe, RecipeError, RewardModel
+from . import compat
+
+compat.patch_trl_flags()  # before TRL's trainers import (transformers 5.x)
+from trl import (AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer, RewardConfig,  # noqa: E402
+                 RewardTrainer, SFTConfig, SFTTrainer)
+from trl.core import entropy_from_logits, masked_mean  # noqa: E402
+
+from . import distributed  # noqa: E402
+from .console import StepDisplay  # noqa: E402
+from .config import SFT, Recipe, RecipeError, RewardModel  # noqa: E402
 
 
 def with_value_head(adapted_model) -> AutoModelForCausalLMWithValueHead:
@@ -32,6 +36,8 @@ def with_value_head(adapted_model) -> AutoModelForCausalLMWithValueHead:
     """
     model = AutoModelForCausalLMWithValueHead(adapted_model, summary_dropout_prob=0.0)
     model.is_peft_model = True  # tells PPOTrainer to use the adapters-off model as reference
+    # TRL's forward always passes past_key_values=None, an argument transformers 5.x deprecates
+    adapted_model.register_forward_pre_hook(_drop_empty_cache, with_kwargs=True)
     model.v_head.to(next(adapted_model.parameters()).device, torch.float32)
     return model
 
@@ -82,6 +88,12 @@ def _train_mode_kept(model):
     finally:
         del model.eval
         model.train(was_training)
+
+
+def _drop_empty_cache(module, args, kwargs):
+    if "past_key_values" in kwargs and kwargs["past_key_values"] is None:
+        kwargs = {k: v for k, v in kwargs.items() if k != "past_key_values"}
+    return args, kwargs
 
 
 def make_trainer(recipe: Recipe, model, tokenizer, deepspeed=None) -> PPOTrainer:
@@ -228,8 +240,8 @@ def _trainer_args(cfg: SFT | RewardModel, seed: int, work_dir: Path, report: dic
     schedule with 5% warm-up and no weight decay, nothing saved by the Trainer, and the run's
     trackers (`report`, from trackers.trainer_settings)."""
     return dict(output_dir=str(work_dir), learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs,
-                per_device_train_batch_size=cfg.batch_size, lr_scheduler_type="cosine", warmup_ratio=0.05,
-                weight_decay=0.0, seed=seed, logging_steps=10, save_strategy="no", **report,
+                per_device_train_batch_size=cfg.batch_size, lr_scheduler_type="cosine", **compat.warmup(0.05),
+                weight_decay=0.0, seed=seed, logging_steps=10, save_strategy="no", **compat.trainer_logging(report),
                 disable_tqdm=True, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
                 ddp_find_unused_parameters=False)  # under accelerate launch: every weight is used
 
@@ -241,8 +253,9 @@ def train_sft(model, tokenizer, texts: list[str], cfg: SFT, seed: int, work_dir:
     data = Dataset.from_dict({"text": [t + tokenizer.eos_token for t in texts]})
     args = SFTConfig(**_trainer_args(cfg, seed, work_dir, report), dataset_text_field="text",
                      max_seq_length=cfg.max_length, packing=False)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data, tokenizer=tokenizer,
-                         data_collator=lambda rows: _lm_batch(tokenizer, rows), callbacks=[_Progress("sft")])
+    with compat.tensorboard_dir(report.get("logging_dir")):
+        trainer = _SFTTrainer(model=model, args=args, train_dataset=data, tokenizer=tokenizer,
+                              data_collator=lambda rows: _lm_batch(tokenizer, rows), callbacks=[_Progress("sft")])
     trainer.remove_callback(PrinterCallback)  # a raw dict per log step; the stage prints its own summary
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -257,7 +270,11 @@ def _lm_batch(tokenizer, rows: list[dict]) -> dict:
     return batch
 
 
-class _PairwiseRewardTrainer(RewardTrainer):
+class _SFTTrainer(SFTTrainer, compat.TokenizerArgument):
+    """TRL's SFTTrainer, its `tokenizer=` taken by both transformers versions."""
+
+
+class _PairwiseRewardTrainer(RewardTrainer, compat.TokenizerArgument):
     """TRL 0.11.4's compute_loss predates the num_items_in_batch argument transformers now passes."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -276,8 +293,9 @@ def train_reward_model(model, tokenizer, pairs: list[tuple[str, str]], cfg: Rewa
                               "attention_mask_rejected": rejected["attention_mask"]})
     args = RewardConfig(**_trainer_args(cfg, seed, work_dir, report), max_length=cfg.max_length,
                         remove_unused_columns=False, center_rewards_coefficient=cfg.center_rewards)
-    trainer = _PairwiseRewardTrainer(model=model, args=args, train_dataset=data, tokenizer=tokenizer,
-                                     callbacks=[_Progress("reward_model")])
+    with compat.tensorboard_dir(report.get("logging_dir")):
+        trainer = _PairwiseRewardTrainer(model=model, args=args, train_dataset=data, tokenizer=tokenizer,
+                                         callbacks=[_Progress("reward_model")])
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]

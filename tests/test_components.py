@@ -18,24 +18,33 @@ TEXTS = ["the plot was dull", "a wonderful, moving film", "the acting was superb
 
 
 @pytest.fixture(scope="module")
-def swapped_classifier(tiny_dir, tmp_path_factory):
-    """The tiny DistilBERT as the same function with its labels stored in the other order."""
+def classifiers(tiny_dir, tmp_path_factory):
+    """The tiny DistilBERT with a head whose two logits clearly differ, and the same function with
+    its labels stored in the other order."""
     model = AutoModelForSequenceClassification.from_pretrained(tiny_dir / "distilbert-imdb")
-    model.config.id2label, model.config.label2id = {0: "POSITIVE", 1: "NEGATIVE"}, {"POSITIVE": 0, "NEGATIVE": 1}
-    with torch.no_grad():
-        model.classifier.weight.copy_(model.classifier.weight.flip(0))
-        model.classifier.bias.copy_(model.classifier.bias.flip(0))
-    path = tmp_path_factory.mktemp("swapped")
-    model.save_pretrained(path)
-    load_tokenizer("t", str(tiny_dir / "distilbert-imdb")).save_pretrained(path)
-    return path
+    paths = []
+    for swapped in (False, True):
+        with torch.no_grad():
+            model.classifier.weight.copy_(torch.randn(model.classifier.weight.shape, generator=torch.Generator().manual_seed(0)))
+            model.classifier.bias.copy_(torch.tensor([-0.5, 0.5]))  # POSITIVE on top: sorted, it comes first
+            if swapped:
+                model.config.id2label, model.config.label2id = {0: "POSITIVE", 1: "NEGATIVE"}, {"POSITIVE": 0, "NEGATIVE": 1}
+                model.classifier.weight.copy_(model.classifier.weight.flip(0))
+                model.classifier.bias.copy_(model.classifier.bias.flip(0))
+        path = tmp_path_factory.mktemp("swapped" if swapped else "classifier")
+        model.save_pretrained(path)
+        load_tokenizer("t", str(tiny_dir / "distilbert-imdb")).save_pretrained(path)
+        paths.append(path)
+    return paths
 
 
 @pytest.mark.parametrize("score", ["logit", "probability"])
-def test_reward_reads_its_label_by_name_whatever_the_order(tiny_dir, swapped_classifier, score):
+def test_reward_reads_its_label_by_name_whatever_the_order(classifiers, score):
     rewards, positional = [], []
-    for path in (tiny_dir / "distilbert-imdb", swapped_classifier):
-        rewards.append(build_reward(Reward(model=str(path), label="POSITIVE", score=score, batch_size=2), CPU)(TEXTS))
+    for path in classifiers:
+        # input="response": truncated on the right, as the pipeline does
+        rewards.append(build_reward(Reward(model=str(path), label="POSITIVE", score=score, batch_size=2,
+                                           input="response"), CPU)(TEXTS))
         # the transformers pipeline sorts labels by score; pick from it by name, and by position
         pipe = pipeline("text-classification", model=str(path), top_k=None, truncation=True,
                         function_to_apply="none" if score == "logit" else "softmax")

@@ -72,7 +72,8 @@ def gpt2_classifier(tiny_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("gpt2-clf")
     base = AutoTokenizer.from_pretrained(tiny_dir / "gpt2")
     generic = PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer, eos_token=base.eos_token,
-                                      pad_token=base.eos_token)
+                                      pad_token=base.eos_token,  # 4.57's default; 5.x's leaves token types out
+                                      model_input_names=["input_ids", "token_type_ids", "attention_mask"])
     assert "token_type_ids" in generic("a")  # the fixture triggers what it must
     torch.manual_seed(0)
     GPT2ForSequenceClassification(GPT2Config(vocab_size=len(generic), n_embd=32, n_layer=2, n_head=2, num_labels=2,

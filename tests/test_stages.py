@@ -133,10 +133,22 @@ def test_stage_settings_are_checked():
 
 
 def test_the_shipped_corpus_regenerates_exactly(tmp_path):
+    """The data byte for byte; the tokenizer and model config (which each transformers major
+    version writes in its own way) by what they load as."""
+    from transformers import AutoConfig, AutoTokenizer
+
     corpus.write(tmp_path)
-    shipped = sorted(p.relative_to(corpus.QUICKSTART) for p in corpus.QUICKSTART.rglob("*") if p.is_file())
-    assert shipped == sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
-    assert all((corpus.QUICKSTART / p).read_bytes() == (tmp_path / p).read_bytes() for p in shipped)
+    data = sorted(p.relative_to(corpus.QUICKSTART) for p in corpus.QUICKSTART.glob("*.jsonl"))
+    assert data == sorted(p.relative_to(tmp_path) for p in tmp_path.glob("*.jsonl")) and data
+    assert all((corpus.QUICKSTART / p).read_bytes() == (tmp_path / p).read_bytes() for p in data)
+    shipped, fresh = (AutoTokenizer.from_pretrained(d / "base") for d in (corpus.QUICKSTART, tmp_path))
+    texts = [json.loads(line)["text"] for line in (tmp_path / "reviews.jsonl").read_text().splitlines()[:500]]
+    assert shipped(texts)["input_ids"] == fresh(texts)["input_ids"] and "token_type_ids" not in fresh(texts[:1])
+    assert shipped.get_vocab() == fresh.get_vocab() and shipped.special_tokens_map == fresh.special_tokens_map
+    assert shipped.model_max_length == fresh.model_max_length
+    where = ("transformers_version", "_name_or_path")
+    keep = lambda c: {k: v for k, v in c.to_dict().items() if k not in where}  # noqa: E731
+    assert keep(AutoConfig.from_pretrained(corpus.QUICKSTART / "base")) == keep(AutoConfig.from_pretrained(tmp_path / "base"))
 
 
 def test_the_corpus_is_mixed_and_the_judge_agrees_with_its_labels():

@@ -1,0 +1,93 @@
+"""The differences between transformers 4.57 and 5.x that touch rlhf_recipes, each with its
+smallest fix, in one place. Imported by the TRL-facing module before TRL's trainers load.
+
+TRL 0.11.4 itself is unchanged on both: what differs is how transformers answers it.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import transformers
+from packaging.version import Version
+
+TRANSFORMERS_5 = Version(transformers.__version__).major >= 5
+
+
+def patch_trl_flags() -> None:
+    """TRL 0.11.4 reads optional packages with transformers' _is_package_available, which 5.x
+    makes return a (found, version) tuple: always truthy, so `import trl`'s SFT trainer would
+    import liger-kernel. Its flags become the booleans they were meant to be."""
+    import trl.import_utils as flags
+
+    for name, value in vars(flags).items():
+        if name.startswith("_") and name.endswith("_available") and isinstance(value, tuple):
+            setattr(flags, name, bool(value[0]))
+
+
+def warmup(fraction: float) -> dict:
+    """A warm-up over `fraction` of training: 4.57's warmup_ratio; 5.x dropped it, and its
+    warmup_steps takes a fraction below 1."""
+    return {"warmup_steps": fraction} if TRANSFORMERS_5 else {"warmup_ratio": fraction}
+
+
+def trainer_logging(report: dict) -> dict:
+    """TrainingArguments' tracker settings: 5.x dropped logging_dir (its TensorBoard callback reads
+    TENSORBOARD_LOGGING_DIR instead, see tensorboard_dir)."""
+    return {k: v for k, v in report.items() if k != "logging_dir"} if TRANSFORMERS_5 else report
+
+
+@contextlib.contextmanager
+def tensorboard_dir(path: str | None):
+    """Where a Trainer built inside this block writes TensorBoard logs, on 5.x (its callback reads
+    the variable when the Trainer is built); 4.57 takes logging_dir in TrainingArguments."""
+    import os
+
+    if not (TRANSFORMERS_5 and path):
+        yield
+        return
+    saved = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = path
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["TENSORBOARD_LOGGING_DIR"]
+        else:
+            os.environ["TENSORBOARD_LOGGING_DIR"] = saved
+
+
+class TokenizerArgument(transformers.Trainer):
+    """Between one of TRL 0.11.4's trainers and transformers' Trainer: TRL passes `tokenizer=`,
+    which 5.x rejects; it becomes `processing_class`, the name both versions take."""
+
+    def __init__(self, *args, tokenizer=None, **kwargs):
+        if tokenizer is not None:
+            kwargs["processing_class"] = tokenizer
+        super().__init__(*args, **kwargs)
+
+    @property
+    def tokenizer(self):  # TRL's trainers read it; 5.x's Trainer has only processing_class
+        return self.processing_class
+
+    @tokenizer.setter
+    def tokenizer(self, value):
+        self.processing_class = value
+
+
+@contextlib.contextmanager
+def no_progress_bars():
+    """Hide transformers' and the hub's loading and saving bars (5.x draws one per model load),
+    which would break the one-line error contract; the user's own setting is restored after."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging
+
+    shown, hub_shown = logging.is_progress_bar_enabled(), not are_progress_bars_disabled()
+    logging.disable_progress_bar()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if shown:
+            logging.enable_progress_bar()
+        if hub_shown:
+            enable_progress_bars()
