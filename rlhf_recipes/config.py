@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from .config_stages import SFT, RewardModel
-from .section import RecipeError, Section, _positive, conforms, type_name  # noqa: F401 (re-exported)
+from .section import RecipeError, Section, _positive, conforms, template_fields, type_name  # noqa: F401
 
 
 # ---------------------------------------------------------------------------- sections
@@ -111,8 +111,16 @@ class Prompts(Section):
     query_max_tokens: int = 8
     max_prompts: Optional[int] = None
     """Use at most this many prompts after filtering (quick runs); none means all."""
+    template: Optional[str] = None
+    """A format string over dataset columns that makes each prompt, e.g.
+    'Summarize the following conversation.\n\n{dialogue}\n\nSummary:'; none means text_column."""
+    max_source_tokens: int = 512
+    """Encoder-decoder policies: the prompt (the encoder's input) is the whole text, cut to this
+    many tokens with its EOS kept; query_min/max_tokens are for causal policies."""
 
     def check(self) -> None:
+        template_fields(self, "template")
+        _positive(self, "max_source_tokens")
         self.require(bool(self.dataset.strip()), "dataset", "must name a Hub dataset or local file(s)")
         self.require(bool(self.text_column.strip()), "text_column", "must name a column")
         _positive(self, "query_min_tokens", "max_prompts")

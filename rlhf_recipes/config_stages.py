@@ -5,7 +5,7 @@ import typing
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from .section import Section, _positive
+from .section import Section, _positive, template_fields
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,16 @@ class SFT(Section):
     max_length: int = 128
     heldout: int = 200
     """Texts kept out of training to measure the loss before and after."""
+    template: Optional[str] = None
+    """A format string over dataset columns that makes each text (causal) or source (encoder-
+    decoder), e.g. the prompt template of the PPO stage; none means text_column."""
+    target_column: Optional[str] = None
+    """Encoder-decoder policies: the column the model learns to write from the source (e.g. summary)."""
 
     def check(self) -> None:
+        template_fields(self, "template")
+        self.require(self.target_column is None or bool(self.target_column.strip()), "target_column",
+                     "must name a column")
         self.require(bool(self.dataset.strip()), "dataset", "must name a Hub dataset or local file(s)")
         _positive(self, "learning_rate", "epochs", "batch_size", "max_length", "heldout")
         self.require(self.init == "pretrained" or self.method == "full", "init",

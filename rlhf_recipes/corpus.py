@@ -10,7 +10,10 @@ side of a paired word list. That gives
                   model), some cut short, some against an opening that gives no opinion;
   prompts.jsonl   openings of reviews, cut before their first opinion word (PPO's prompts);
   base/           a word-level tokenizer trained on the reviews, and a small GPT-2 config
-                  (no weights: the SFT stage starts from random ones).
+                  (no weights: the SFT stage starts from random ones);
+  continuations.jsonl  each review split at its first opinion word into an opening and the
+                  rest (the encoder-decoder quickstart's SFT pairs: source, target);
+  base_seq2seq/   the same words with T5's specials, appending </s>, and a small T5 config.
 `is_positive` judges a text by its opinion words alone, independently of any model, so
 the evaluation can count positive responses without trusting the reward model.
 Texts are lower case with punctuation split off, so the word-level tokenizer covers them.
@@ -140,17 +143,22 @@ def openings(n: int, seed: int) -> list[dict]:
     return [{"text": text} for text in seen]
 
 
-def train_tokenizer(texts: list[str], directory: Path, max_length: int = 64):
-    """A word-level tokenizer over `texts` with <pad>, <unk> and <eos>, saved for AutoTokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+def train_tokenizer(texts: list[str], directory: Path, max_length: int = 64, seq2seq: bool = False):
+    """A word-level tokenizer over `texts` with <pad>, <unk> and <eos>, saved for AutoTokenizer;
+    seq2seq: with T5's specials instead (<pad> = 0, </s> = 1, <unk>), appending </s> to every text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<eos>"],
-                                                                     show_progress=False))
+    specials = ["<pad>", "</s>", "<unk>"] if seq2seq else ["<pad>", "<unk>", "<eos>"]
+    tokenizer.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=specials, show_progress=False))
+    if seq2seq:
+        tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                                 special_tokens=[("</s>", 1)])
+    eos = "</s>" if seq2seq else "<eos>"
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>",
-                                   eos_token="<eos>", bos_token="<eos>", model_max_length=max_length,
+                                   eos_token=eos, bos_token=None if seq2seq else eos, model_max_length=max_length,
                                    model_input_names=["input_ids", "attention_mask"])  # GPT-2 would add token types
     fast.save_pretrained(directory)
     return fast
@@ -158,8 +166,9 @@ def train_tokenizer(texts: list[str], directory: Path, max_length: int = 64):
 
 def write(directory: Path, seed: int = 0, num_reviews: int = 4000, num_pairs: int = 3000,
           num_prompts: int = 1000) -> None:
-    """Everything the quickstart recipe reads: reviews.jsonl, pairs.jsonl, prompts.jsonl and base/."""
-    from transformers import GPT2Config
+    """Everything the quickstart recipes read: reviews.jsonl, pairs.jsonl, prompts.jsonl, base/,
+    continuations.jsonl and base_seq2seq/."""
+    from transformers import GPT2Config, T5Config
 
     directory.mkdir(parents=True, exist_ok=True)
     rows = reviews(num_reviews, seed)
@@ -173,6 +182,23 @@ def write(directory: Path, seed: int = 0, num_reviews: int = 4000, num_pairs: in
                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.pad_token_id)
     config.save_pretrained(directory / "base")
+    _write_jsonl(directory / "continuations.jsonl", continuations(rows))
+    t5_tokenizer = train_tokenizer([r["text"] for r in rows], directory / "base_seq2seq", seq2seq=True)
+    # about 0.9M parameters, FLAN-T5's kind (gated-gelu, untied head, decoder start = pad = 0, eos = 1)
+    T5Config(vocab_size=len(t5_tokenizer), d_model=128, d_kv=32, d_ff=256, num_layers=2, num_decoder_layers=2,
+             num_heads=4, feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+             tie_word_embeddings=False).save_pretrained(directory / "base_seq2seq")
+
+
+def continuations(rows: list[dict]) -> list[dict]:
+    """Each review with an opening before its first opinion word, split there: {'opening', 'rest'}."""
+    out = []
+    for row in rows:
+        words = row["text"].split()
+        first = _first_opinion(words)
+        if first > 0:
+            out.append({"opening": " ".join(words[:first]), "rest": " ".join(words[first:])})
+    return out
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,23 @@ class PromptSet:
 
 
 def load_texts(cfg: Prompts) -> list[str]:
-    """The text column of the prompt dataset, after the recipe's filter."""
-    rows = load_columns("prompts", cfg.dataset, cfg.split, cfg.subset, {"text_column": cfg.text_column}, cfg.filter)
-    return [text for (text,) in rows]
+    """The prompt texts, after the recipe's filter: prompts.template filled from each row's
+    columns, or prompts.text_column."""
+    return [t for (t,) in load_templated("prompts", cfg.dataset, cfg.split, cfg.subset, cfg.template,
+                                         cfg.text_column, keep=cfg.filter)]
+
+
+def load_templated(section: str, dataset: str, split: str, subset: str | None, template: str | None,
+                   text_column: str, extra: dict[str, str] | None = None, keep: Any = None) -> list[tuple[str, ...]]:
+    """Rows of (text, *extra columns): the text is `template` filled from the row's columns, or
+    the `text_column`; `extra` ({field: column}) adds columns as they are."""
+    fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None] if template else []
+    columns = {f"template:{f}": f for f in dict.fromkeys(fields)} if template else {"text_column": text_column}
+    rows = load_columns(section, dataset, split, subset, {**columns, **(extra or {})}, keep)
+    if not template:
+        return rows
+    n = len(columns)
+    return [(template.format(**dict(zip(list(dict.fromkeys(fields)), row[:n]))), *row[n:]) for row in rows]
 
 
 def load_columns(section: str, dataset: str, split: str, subset: str | None, columns: dict[str, str],
@@ -49,8 +64,9 @@ def load_columns(section: str, dataset: str, split: str, subset: str | None, col
         ds = _load_dataset(section, dataset, split, subset)
         for name, path in columns.items():
             if path.split(".")[0] not in ds.column_names:
-                raise RecipeError(f"{section}.{name} {path!r} is not in {dataset!r}; "
-                                  f"its columns: {', '.join(ds.column_names)}")
+                what = (f"{section}.template names column {{{path}}}, which" if name.startswith("template:")
+                        else f"{section}.{name} {path!r}")
+                raise RecipeError(f"{what} is not in {dataset!r}; its columns: {', '.join(ds.column_names)}")
         if keep is not None:
             ds = ds.filter(resolve_callable(keep, f"{section}.filter"), load_from_cache_file=False)
         else:
@@ -111,12 +127,13 @@ def _field(row: dict[str, Any], path: str) -> Any:
     return row
 
 
-def load_prompts(cfg: Prompts, tokenizer, heldout: int, seed: int) -> PromptSet:
+def load_prompts(cfg: Prompts, tokenizer, heldout: int, seed: int, seq2seq: bool = False) -> PromptSet:
     """Shuffle (seeded), cut each text to a sampled query length, drop repeated queries, and
     hold out the first `heldout`.
 
     A query's length counts the text's tokens: a BOS token the tokenizer adds (Llama, Mistral)
-    comes on top, once, at the start.
+    comes on top, once, at the start. For an encoder-decoder policy (seq2seq) a query is the
+    whole text, cut to prompts.max_source_tokens with the EOS its tokenizer appends kept.
     """
     texts = load_texts(cfg)
     if len(texts) <= heldout:
@@ -125,8 +142,12 @@ def load_prompts(cfg: Prompts, tokenizer, heldout: int, seed: int) -> PromptSet:
     rng = np.random.default_rng(seed)
     texts = [texts[i] for i in rng.permutation(len(texts))]
     lengths = rng.integers(cfg.query_min_tokens, cfg.query_max_tokens + 1, size=len(texts))
-    limit = cfg.query_max_tokens * _CHARS_PER_TOKEN_BOUND
-    ids = tokenizer([t[:limit] for t in texts])["input_ids"]
+    if seq2seq:
+        ids = tokenizer(texts, truncation=True, max_length=cfg.max_source_tokens)["input_ids"]
+        lengths = [len(x) for x in ids]  # whole: never cut to a sampled length
+    else:
+        limit = cfg.query_max_tokens * _CHARS_PER_TOKEN_BOUND
+        ids = tokenizer([t[:limit] for t in texts])["input_ids"]
     bos = tokenizer.bos_token_id
     seen: dict[tuple[int, ...], None] = {}
     candidates = 0

@@ -30,7 +30,7 @@ from .policy import build_policy, load_tokenizer
 from .recipe import apply_overrides, resolve_callable
 from .report import summary_line, write_report
 from .reward import build_reward, reward_inputs
-from .rollout import decode_pairs, evaluating, generate, pad_batch
+from .rollout import decode_pairs, evaluating, generate, is_seq2seq, pad_batch
 from .run import OneLineParser
 from .rundir import EVAL, HELDOUT, MODEL, RECIPE, load_policy_weights, read_heldout, read_metrics
 
@@ -53,22 +53,40 @@ def score_responses(model, queries: list[torch.Tensor], responses: list[torch.Te
     kl, ent, ref_ent = [], [], []
     for start in range(0, len(queries), batch_size):
         qs, rs = queries[start:start + batch_size], responses[start:start + batch_size]
-        ids, attn = pad_batch([torch.cat([q, r]) for q, r in zip(qs, rs)], pad_id, side="right")
-        ids, attn = ids.to(device), attn.to(device)
-        mask = torch.zeros_like(ids, dtype=torch.float32)
-        for i, (q, r) in enumerate(zip(qs, rs)):
-            mask[i, len(q):len(q) + len(r)] = 1.0
-        mask = mask[:, 1:]  # logits at t predict token t + 1
-        logits = peft_model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+        inputs, targets, mask = scoring_inputs(qs, rs, pad_id, device, is_seq2seq(model))
+        logits = peft_model(**inputs).logits[:, :-1]  # logits at t predict token t + 1
         with peft_model.disable_adapter():
-            ref_logits = peft_model(input_ids=ids, attention_mask=attn).logits[:, :-1]
-        targets = ids[:, 1:]
+            ref_logits = peft_model(**inputs).logits[:, :-1]
         kl.append(sequence_kl(token_logprobs(logits, targets), token_logprobs(ref_logits, targets), mask))
         ent.append(masked_mean(token_entropy(logits), mask))
         ref_ent.append(masked_mean(token_entropy(ref_logits), mask))
         if done is not None:
             done(len(qs))
     return tuple(torch.cat(x).cpu().numpy() for x in (kl, ent, ref_ent))
+
+
+def scoring_inputs(queries: list[torch.Tensor], responses: list[torch.Tensor], pad_id: int, device: torch.device,
+                   encoder_decoder: bool) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """(model kwargs, targets, mask) to score n responses: logits[:, :-1] at t predict targets[:, t].
+
+    Causal: the query and response as one right-padded sequence; mask (n, T-1) marks response
+    tokens. Encoder-decoder: the query is the encoder's input and the response (start token
+    first) the decoder's; targets are the decoder tokens after the start, and the mask marks
+    every generated one, the first included (TRL's training statistics skip that one).
+    """
+    if encoder_decoder:
+        enc, enc_mask = pad_batch(queries, pad_id, side="right")
+        dec, dec_mask = pad_batch(responses, pad_id, side="right")
+        inputs = {"input_ids": enc, "attention_mask": enc_mask, "decoder_input_ids": dec,
+                  "decoder_attention_mask": dec_mask}
+        targets, mask = dec[:, 1:], dec_mask[:, 1:].float()
+    else:
+        ids, attn = pad_batch([torch.cat([q, r]) for q, r in zip(queries, responses)], pad_id, side="right")
+        mask = torch.zeros_like(ids, dtype=torch.float32)
+        for i, (q, r) in enumerate(zip(queries, responses)):
+            mask[i, len(q):len(q) + len(r)] = 1.0
+        inputs, targets, mask = {"input_ids": ids, "attention_mask": attn}, ids[:, 1:], mask[:, 1:]
+    return {k: v.to(device) for k, v in inputs.items()}, targets.to(device), mask.to(device)
 
 
 def evaluate(model, tokenizer, reward_fn, queries: list[torch.Tensor], recipe: Recipe, device: torch.device,
@@ -106,7 +124,9 @@ def _evaluate(model, tokenizer, reward_fn, queries, recipe, device, step, check_
             torch.manual_seed(ev.seed)  # same seed for both: identical models give identical samples
             with adapters:
                 responses = generate(model, tokenizer, queries, lengths, gen, device, done)
-            sides[side] = _per_sample(responses, *decode_pairs(tokenizer, queries, responses), reward_fn, judge, recipe)
+            texts = decode_pairs(tokenizer, queries, responses, is_seq2seq(model))
+            generated = [r[1:] for r in responses] if is_seq2seq(model) else responses  # no start token
+            sides[side] = _per_sample(generated, *texts, reward_fn, judge, recipe)
             kl, ent, ref_ent = score_responses(model, queries, responses, tokenizer.pad_token_id, device,
                                                ev.batch_size, done)
             sides[side]["entropy"] = ent if side == "policy" else ref_ent

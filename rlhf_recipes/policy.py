@@ -1,4 +1,5 @@
-"""The policy: a causal LM with LoRA adapters and a value head on the shared backbone.
+"""The policy: a causal LM (or an encoder-decoder, see seq2seq) with LoRA adapters and a value
+head on the shared backbone.
 
 The frozen reference is this same model with its adapters switched off (TRL does that
 for PEFT models), so it costs no second copy of the weights. The base may load in
@@ -10,9 +11,9 @@ import re
 
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, BitsAndBytesConfig
 
-from . import trl_backend
+from . import seq2seq, trl_backend
 from .config import Policy, RecipeError
 from .loading import load_pretrained
 
@@ -47,16 +48,24 @@ def quantization_config(cfg: Policy) -> BitsAndBytesConfig | None:
     return None
 
 
+def load_config(cfg: Policy):
+    """policy.model's config (what the architecture is, before any weights load)."""
+    return load_pretrained("policy.model", AutoConfig.from_pretrained, cfg.model, trust_remote_code=cfg.trust_remote_code)
+
+
 def build_policy(cfg: Policy, device: torch.device):
     """Base LM (dropout off) + LoRA adapters + TRL's value head, on `device`."""
-    config = load_pretrained("policy.model", AutoConfig.from_pretrained, cfg.model,
-                             trust_remote_code=cfg.trust_remote_code)
+    config = load_config(cfg)
     for name, value in config.to_dict().items():
         if _DROPOUT.search(name) and isinstance(value, float):
             setattr(config, name, 0.0)  # the policy that samples must be the policy that is scored
+    encoder_decoder = seq2seq.is_encoder_decoder(config)
+    if encoder_decoder:
+        seq2seq.check_policy(cfg, config)
     quant = quantization_config(cfg)
+    auto = AutoModelForSeq2SeqLM if encoder_decoder else AutoModelForCausalLM
     base = load_pretrained(
-        "policy.model", AutoModelForCausalLM.from_pretrained, cfg.model, config=config,
+        "policy.model", auto.from_pretrained, cfg.model, config=config,
         dtype=DTYPES[cfg.dtype], quantization_config=quant, trust_remote_code=cfg.trust_remote_code,
         # each process places its own copy: device_map="auto" spreads a model over GPUs and breaks DDP.
         # A CPU process's device is cpu:RANK, which transformers would read as GPU number RANK
@@ -78,7 +87,7 @@ def add_lora(base, cfg: Policy):
     """`base` wrapped by PEFT with the recipe's LoRA adapters (which start at zero)."""
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.lora_target_modules) if cfg.lora_target_modules else None,
-                      task_type="CAUSAL_LM")
+                      task_type="SEQ_2_SEQ_LM" if seq2seq.is_encoder_decoder(base.config) else "CAUSAL_LM")
     try:
         return get_peft_model(base, lora)
     except ValueError as err:

@@ -27,18 +27,19 @@ def pad_batch(seqs: list[torch.Tensor], pad_id: int, side: str = "left") -> tupl
     return ids, mask
 
 
-def cut_response(tokens: torch.Tensor, length: int, eos_id: int | None) -> torch.Tensor:
-    """The first `length` tokens of a generated continuation, ending at its first eos (kept).
+def cut_response(tokens: torch.Tensor, length: int, eos_id: int | None, keep: int = 0) -> torch.Tensor:
+    """The first `length` generated tokens, ending at the first eos (kept), after `keep` leading
+    tokens that are not generated (1 for a decoder's start token: never cut from the left).
 
-    tokens: (max_new_tokens,) -> (<= length,). Cutting a longer sample is exactly a sample
-    of that length, so one generate call serves prompts with different target lengths.
+    tokens: (keep + max_new_tokens,) -> (keep + <= length,). Cutting a longer sample is exactly
+    a sample of that length, so one generate call serves prompts with different target lengths.
     """
-    tokens = tokens[:length]
+    head, tokens = tokens[:keep], tokens[keep:keep + length]
     if eos_id is not None:
         hits = (tokens == eos_id).nonzero()
         if len(hits):
             tokens = tokens[: int(hits[0]) + 1]
-    return tokens
+    return torch.cat([head, tokens])
 
 
 def sampling_config(gen: Generation, max_new_tokens: int, tokenizer) -> GenerationConfig:
@@ -49,13 +50,24 @@ def sampling_config(gen: Generation, max_new_tokens: int, tokenizer) -> Generati
                             eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
 
 
+def is_seq2seq(model) -> bool:
+    """Whether `model` (TRL's value-head wrapper, a PEFT model or a plain one) is an encoder-decoder."""
+    return bool(getattr(model, "is_encoder_decoder", False) or getattr(getattr(model, "config", None),
+                                                                         "is_encoder_decoder", False))
+
+
+def _base(model):
+    """The transformers model inside TRL's value-head wrapper and PEFT's."""
+    inner = getattr(model, "pretrained_model", model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
 @contextlib.contextmanager
 def no_model_defaults(model):
     """The model's own generation_config blanked while inside: transformers fills every sampling
     field we leave unset from it (4.57 unless told use_model_defaults=False, 5.x always), and its
     repetition penalties, suppressed tokens or minimum lengths would bias the sampled KL."""
-    inner = getattr(model, "pretrained_model", model)  # TRL's value-head wrapper
-    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # PEFT's
+    base = _base(model)
     saved = base.generation_config
     base.generation_config = GenerationConfig()
     try:
@@ -86,22 +98,34 @@ def generate(model, tokenizer, queries: list[torch.Tensor], lengths: list[int], 
     """
     chunk = gen.batch_size or len(queries)
     responses: list[torch.Tensor] = []
+    encoder_decoder = is_seq2seq(model)
     with evaluating(model):
         for start in range(0, len(queries), chunk):
             qs, ls = queries[start:start + chunk], lengths[start:start + chunk]
-            ids, mask = pad_batch(qs, tokenizer.pad_token_id, side="left")
+            # a causal LM continues from the right end; an encoder reads its whole input
+            ids, mask = pad_batch(qs, tokenizer.pad_token_id, side="right" if encoder_decoder else "left")
+            config = sampling_config(gen, max(ls), tokenizer)
+            if encoder_decoder:
+                config.decoder_start_token_id = _base(model).config.decoder_start_token_id
             with no_model_defaults(model):
                 out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                     generation_config=sampling_config(gen, max(ls), tokenizer))
-            new = out[:, ids.shape[1]:].cpu()
-            responses.extend(cut_response(row, n, tokenizer.eos_token_id) for row, n in zip(new, ls))
+                                     generation_config=config)
+            # a decoder's output from its start token, which stays (TRL reads it as given); a causal
+            # LM's continuation after the prompt
+            new = out.cpu() if encoder_decoder else out[:, ids.shape[1]:].cpu()
+            responses.extend(cut_response(row, n, tokenizer.eos_token_id, keep=int(encoder_decoder))
+                             for row, n in zip(new, ls))
             if done is not None:
                 done(len(qs))
     return responses
 
 
-def decode_pairs(tokenizer, queries: list[torch.Tensor], responses: list[torch.Tensor]) -> tuple[list[str], list[str]]:
+def decode_pairs(tokenizer, queries: list[torch.Tensor], responses: list[torch.Tensor],
+                 encoder_decoder: bool = False) -> tuple[list[str], list[str]]:
     """Prompt and response texts such that prompt + response is exactly the decoded whole.
+
+    For an encoder-decoder policy the response is the decoder's text alone (no start token, no
+    special tokens), and the prompt the encoder's text.
 
     The whole is split where it stops agreeing with the prompt decoded alone. Decoding the
     response alone would lose its leading space with SentencePiece-style tokenizers (Llama,
@@ -111,6 +135,9 @@ def decode_pairs(tokenizer, queries: list[torch.Tensor], responses: list[torch.T
     and never with the prompt.
     """
     prompts = tokenizer.batch_decode(queries, skip_special_tokens=True)
+    if encoder_decoder:  # two texts; the prompt ends in a space, so prompt + response reads as one
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        return [p if p.endswith((" ", "\n")) else p + " " for p in prompts], [t.lstrip() for t in texts]
     wholes = tokenizer.batch_decode([torch.cat([q, r]) for q, r in zip(queries, responses)], skip_special_tokens=True)
     cuts = [len(os.path.commonprefix([p, w])) for p, w in zip(prompts, wholes)]
     return [w[:k] for w, k in zip(wholes, cuts)], [w[k:] for w, k in zip(wholes, cuts)]

@@ -103,3 +103,21 @@ def _positive(section: Section, *names: str) -> None:
         section.require(value is None or (value > 0 and math.isfinite(value)), name, "must be > 0")
 
 
+
+
+def template_fields(section: Section, name: str) -> list[str]:
+    """The column names a format-string field (e.g. prompts.template) reads, checked; [] if unset."""
+    import string
+
+    template = getattr(section, name)
+    if template is None:
+        return []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise RecipeError(f"{section.key(name)} is not a valid format string ({err}); write columns as "
+                          "{column} and a literal brace as {{ or }}") from None
+    fields = [f for _, f, spec, conv in parsed if f is not None]
+    section.require(bool(fields) and all(f.isidentifier() for f in fields), name,
+                    "must name dataset columns as {column} (plain names, e.g. '... {dialogue} ...')")
+    return list(dict.fromkeys(fields))

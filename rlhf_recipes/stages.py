@@ -25,12 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
+                          set_seed)
 
-from . import distributed, trl_backend
+from . import distributed, seq2seq, trl_backend
 from .config import Recipe, RecipeError
 from .console import console
-from .data import load_columns, no_progress_bars
+from .data import load_columns, load_templated, no_progress_bars
 from .loading import load_pretrained
 from .policy import DTYPES, add_lora, load_tokenizer
 from .reward import model_inputs
@@ -82,20 +83,27 @@ def _use_output(recipe: Recipe, name: str, target: Path) -> Recipe:
 def _sft(recipe: Recipe, base: str, tmp: Path | None, device: torch.device, out: Path) -> dict:
     cfg, policy = recipe.sft, recipe.policy
     tokenizer = load_tokenizer("policy.model", base, policy.trust_remote_code)
-    rows = load_columns("sft", cfg.dataset, cfg.split, None, {"text_column": cfg.text_column})
-    held, train = _split([r[0] for r in rows], cfg.heldout, recipe.run.seed, "sft")
+    config = load_pretrained("policy.model", AutoConfig.from_pretrained, base, trust_remote_code=policy.trust_remote_code)
+    encoder_decoder = seq2seq.is_encoder_decoder(config)
+    if encoder_decoder and cfg.target_column is None:
+        raise RecipeError("sft.target_column is required for an encoder-decoder policy: the column it learns "
+                          "to write from the source (sft.template or sft.text_column), e.g. summary")
+    extra = {"target_column": cfg.target_column} if encoder_decoder else None
+    rows = load_templated("sft", cfg.dataset, cfg.split, None, cfg.template, cfg.text_column, extra)
+    held, train = _split(rows if encoder_decoder else [r[0] for r in rows], cfg.heldout, recipe.run.seed, "sft")
     set_seed(recipe.run.seed)
+    auto = AutoModelForSeq2SeqLM if encoder_decoder else AutoModelForCausalLM
     if cfg.init == "random":
-        config = load_pretrained("policy.model", AutoConfig.from_pretrained, base,
-                                 trust_remote_code=policy.trust_remote_code)
-        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[policy.dtype])
+        model = auto.from_config(config, dtype=DTYPES[policy.dtype])
     else:
-        model = load_pretrained("policy.model", AutoModelForCausalLM.from_pretrained, base,
-                                dtype=DTYPES[policy.dtype], trust_remote_code=policy.trust_remote_code)
+        model = load_pretrained("policy.model", auto.from_pretrained, base, dtype=DTYPES[policy.dtype],
+                                trust_remote_code=policy.trust_remote_code)
     model = add_lora(model.to(device), policy) if cfg.method == "lora" else model.to(device)
-    fitted = _fit(tmp, lambda: heldout_loss(model, tokenizer, held, cfg.max_length),
-                  lambda work: trl_backend.train_sft(model, tokenizer, train, cfg, recipe.run.seed, work,
-                                                     trainer_settings(recipe.run.report_to, out, "sft")))
+    measure, fit = ((seq2seq_heldout_loss, trl_backend.train_seq2seq_sft) if encoder_decoder else
+                    (heldout_loss, trl_backend.train_sft))
+    fitted = _fit(tmp, lambda: measure(model, tokenizer, held, cfg.max_length),
+                  lambda work: fit(model, tokenizer, train, cfg, recipe.run.seed, work,
+                                   trainer_settings(recipe.run.report_to, out, "sft")))
     if fitted is None:
         return {}
     before, after, losses = fitted
@@ -163,6 +171,19 @@ def heldout_loss(model, tokenizer, texts: list[str], max_length: int, batch_size
             labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
             n = int((labels[:, 1:] != -100).sum())
             total += float(model(**batch, labels=labels).loss) * n
+            count += n
+    return total / max(count, 1)
+
+
+def seq2seq_heldout_loss(model, tokenizer, pairs: list[tuple[str, str]], max_length: int, batch_size: int = 64) -> float:
+    """Mean cross-entropy (nats) over the target tokens of (source, target) pairs, each target ending in EOS."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with evaluating(model):
+        for start in range(0, len(pairs), batch_size):
+            batch = seq2seq.batch(tokenizer, pairs[start:start + batch_size], max_length)
+            n = int((batch["labels"] != -100).sum())
+            total += float(model(**{k: v.to(device) for k, v in batch.items()}).loss) * n
             count += n
     return total / max(count, 1)
 

@@ -9,10 +9,13 @@ shipped recipes' Hub models, plus prompt files shaped like their datasets:
     DIR/gpt-neox          GPT-NeoX causal LM (the 8-bit recipe's architecture)
     DIR/llama             Llama causal LM (grouped-query attention) with a SentencePiece-style
                           (Metaspace) tokenizer that adds BOS, as Llama, Mistral and Gemma do
+    DIR/t5                T5 encoder-decoder (gated-gelu, decoder start = pad = 0, eos = 1) with a
+                          tokenizer that appends </s>, as T5's does (the FLAN-T5 recipe's architecture)
     DIR/distilbert-imdb   DistilBERT classifier, labels NEGATIVE / POSITIVE
     DIR/roberta-hate      RoBERTa classifier, labels nothate / hate
     DIR/imdb.jsonl        review-like texts: {"text", "label"}
     DIR/toxicity.jsonl    rows like real-toxicity-prompts: {"prompt": {"text", "toxicity"}}
+    DIR/dialogsum.jsonl   rows like knkarthick/dialogsum: {"id", "dialogue", "summary", "topic"}
 
 The weights are random, so rewards are noise: these prove the plumbing, not learning.
 """
@@ -29,7 +32,8 @@ from transformers import (DistilBertConfig, DistilBertForSequenceClassification,
                           GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, GPTNeoConfig, GPTNeoForCausalLM,
                           GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXTokenizerFast, LlamaConfig, LlamaForCausalLM,
                           LlamaTokenizerFast, PreTrainedTokenizerFast,
-                          RobertaConfig, RobertaForSequenceClassification, RobertaTokenizerFast)
+                          RobertaConfig, RobertaForSequenceClassification, RobertaTokenizerFast, T5Config,
+                          T5ForConditionalGeneration, T5TokenizerFast)
 
 from .compat import no_progress_bars
 
@@ -83,6 +87,42 @@ def llama_tokenizer(texts: list[str], vocab_size: int = 512) -> LlamaTokenizerFa
                                                        special_tokens=[("<s>", tok.token_to_id("<s>"))])
     return LlamaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                               add_bos_token=True, add_eos_token=False, legacy=False)
+
+
+def t5_tokenizer(texts: list[str], vocab_size: int = 512) -> T5TokenizerFast:
+    """SentencePiece-style (Metaspace) BPE with T5's specials, <pad> = 0 and </s> = 1, appending </s>."""
+    specials = ["<pad>", "</s>", "<unk>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                       show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=512)
+
+
+def t5(tokenizer, width: int = 32, layers: int = 2) -> T5ForConditionalGeneration:
+    """A random-weight T5 of FLAN-T5's kind: gated-gelu feed-forward, decoder start = pad = 0, eos = 1."""
+    return T5ForConditionalGeneration(T5Config(
+        vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=2 * width, num_layers=layers,
+        num_decoder_layers=layers, num_heads=4, feed_forward_proj="gated-gelu", decoder_start_token_id=0,
+        pad_token_id=0, eos_token_id=1, tie_word_embeddings=False))
+
+
+def dialogues(n: int, seed: int) -> list[dict]:
+    """Rows shaped like DialogSum's: a #Person1#/#Person2# dialogue of 200 to 1,000 characters and a summary."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        turns, thing = [], rng.choice(_THINGS)
+        while len("\n".join(turns)) < 220:
+            who = f"#Person{len(turns) % 2 + 1}#"
+            turns.append(f"{who}: {rng.choice(_OPENERS)} {thing} was {rng.choice(_GOOD + _BAD)}.")
+        out.append({"id": f"train_{i}", "dialogue": "\n".join(turns)[:1000],
+                    "summary": f"#Person1# and #Person2# talk about {thing}.", "topic": thing})
+    return out
 
 
 def distilbert_tokenizer(texts: list[str], vocab_size: int = 512, max_length: int = 64) -> DistilBertTokenizerFast:
@@ -158,6 +198,13 @@ def _build(out: Path, seed: int) -> Path:
     tok = llama_tokenizer(texts)
     causal_lm("llama", tok).save_pretrained(out / "llama")
     tok.save_pretrained(out / "llama")
+    rows = dialogues(300, seed + 2)
+    with open(out / "dialogsum.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    tok = t5_tokenizer(texts + [r["dialogue"] for r in rows[:50]] + ["#Person1# and #Person2# talk about",
+                                                                       "Summarize the following conversation. Summary:"])
+    t5(tok).save_pretrained(out / "t5")
+    tok.save_pretrained(out / "t5")
 
     for name, tok, model in (
         ("distilbert-imdb", distilbert_tokenizer(texts), lambda t: DistilBertForSequenceClassification(DistilBertConfig(

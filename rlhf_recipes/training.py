@@ -15,13 +15,13 @@ import numpy as np
 from accelerate.utils import set_seed
 from rich.markup import escape
 
-from . import checkpoint, distributed, stages, startup, trackers, trl_backend
+from . import checkpoint, distributed, seq2seq, stages, startup, trackers, trl_backend
 from .config import Recipe, RecipeError
 from .console import StepDisplay, append_jsonl, console, sample_table
 from .data import batch_indices, load_prompts
 from .evaluation import evaluate
 from .loading import check_hub
-from .policy import build_policy, load_tokenizer
+from .policy import build_policy, load_config, load_tokenizer
 from .reward import all_finite, build_reward, reward_inputs
 from .recipe import absolute_paths, resolve_callable
 from .rollout import decode_pairs, generate
@@ -63,8 +63,9 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     saved = checkpoint.resume_point(out, recipe, processes, deepspeed is not None) if resume else None
 
     tokenizer = load_tokenizer("policy.model", recipe.policy.model, recipe.policy.trust_remote_code)
+    encoder_decoder = seq2seq.is_encoder_decoder(load_config(recipe.policy))
     with state.main_process_first():  # one process fills the datasets cache
-        prompts = load_prompts(recipe.prompts, tokenizer, recipe.eval.num_prompts, run.seed)
+        prompts = load_prompts(recipe.prompts, tokenizer, recipe.eval.num_prompts, run.seed, encoder_decoder)
     if recipe.eval.judge is not None:
         resolve_callable(recipe.eval.judge, "eval.judge")  # fail before minutes of SFT, not after
     if saved is not None and saved.state["num_prompts"] != len(prompts.train):
@@ -136,7 +137,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
             t1 = time.perf_counter()
 
             # 2. score the decoded texts
-            query_texts, response_texts = decode_pairs(tokenizer, queries, responses)
+            query_texts, response_texts = decode_pairs(tokenizer, queries, responses, encoder_decoder)
             rewards = reward_fn(reward_inputs(recipe.reward, query_texts, response_texts))
             all_rewards = distributed.gather(list(rewards))  # the whole batch's, for the decision and the log
             t2 = time.perf_counter()
@@ -161,7 +162,8 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
                     "env/reward_mean": statistics.fmean(all_rewards),
                     "env/reward_std": statistics.pstdev(all_rewards),
                     "env/batch_size": len(all_rewards),  # samples learned from, all processes'
-                    "env/response_length": statistics.fmean(distributed.gather([len(r) for r in responses])),
+                    "env/response_length": statistics.fmean(distributed.gather(  # generated tokens, not a start token
+                        [len(r) - int(encoder_decoder) for r in responses])),
                     "env/skipped_batches": skipped,
                     "time/rollout/generate": t1 - t0,
                     "time/rollout/score": t2 - t1,

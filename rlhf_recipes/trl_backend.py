@@ -18,8 +18,8 @@ from transformers import PrinterCallback, TrainerCallback
 from . import compat
 
 compat.patch_trl_flags()  # before TRL's trainers import (transformers 5.x)
-from trl import (AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer, RewardConfig,  # noqa: E402
-                 RewardTrainer, SFTConfig, SFTTrainer)
+from trl import (AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead, PPOConfig,  # noqa: E402
+                 PPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer)
 from trl.core import entropy_from_logits, masked_mean  # noqa: E402
 
 from . import distributed  # noqa: E402
@@ -28,14 +28,19 @@ from .config import SFT, Recipe, RecipeError, RewardModel  # noqa: E402
 
 
 def with_value_head(adapted_model) -> AutoModelForCausalLMWithValueHead:
-    """Put TRL's value head on a PEFT-adapted causal LM, sharing its backbone.
+    """Put TRL's value head on a PEFT-adapted causal LM (or seq2seq LM, reading the last decoder
+    hidden state), sharing its backbone.
 
     TRL's own `from_pretrained` refuses any model whose device map mentions the CPU
     (8-bit and 4-bit models on a CPU have one), so the wrapper is built directly and
     the value head placed next to the weights, which works the same on CPU and CUDA.
     """
-    model = AutoModelForCausalLMWithValueHead(adapted_model, summary_dropout_prob=0.0)
-    model.is_peft_model = True  # tells PPOTrainer to use the adapters-off model as reference
+    wrapper = (AutoModelForSeq2SeqLMWithValueHead if getattr(adapted_model.config, "is_encoder_decoder", False)
+               else AutoModelForCausalLMWithValueHead)
+    model = wrapper(adapted_model, summary_dropout_prob=0.0)
+    # tells PPOTrainer to use the adapters-off model as reference (built directly, TRL leaves it
+    # unset, and the seq2seq forward then fails: TRL #858)
+    model.is_peft_model = True
     # TRL's forward always passes past_key_values=None, an argument transformers 5.x deprecates
     adapted_model.register_forward_pre_hook(_drop_empty_cache, with_kwargs=True)
     model.v_head.to(next(adapted_model.parameters()).device, torch.float32)
@@ -43,7 +48,7 @@ def with_value_head(adapted_model) -> AutoModelForCausalLMWithValueHead:
 
 
 class _PPOTrainer(PPOTrainer):
-    """TRL's PPOTrainer with two changes to its step, both off unless a recipe asks for them.
+    """TRL's PPOTrainer with three changes to its step; the first two are off unless a recipe asks.
 
     1. Gradient checkpointing that checkpoints. TRL's batched_forward_pass calls model.eval()
        before every forward pass, the gradient-carrying one inside each minibatch included, and
@@ -53,16 +58,25 @@ class _PPOTrainer(PPOTrainer):
     2. An entropy bonus: the loss becomes pg_loss + vf_coef * vf_loss - entropy_coef * entropy,
        the entropy being the masked mean over response tokens that TRL computes for its
        statistics and discards; `ppo/loss/entropy` logs the term as added to the total.
+    3. Encoder-decoder responses are scored from their first generated token. TRL masks it out
+       (start = 1 in batched_forward_pass), so that token was in neither the KL penalty nor the
+       policy loss, and a response of one token left nothing scored (a crash). On the seq2seq
+       quickstart that first token carried most of the KL: the controller saw 2 nats where the
+       policy had moved 13, lowered the coefficient and let the policy collapse.
     """
 
     entropy_coef: float = 0.0
     checkpointing: bool = False
 
-    def batched_forward_pass(self, model, *args, **kwargs):
-        if not (self.checkpointing and torch.is_grad_enabled()):
-            return super().batched_forward_pass(model, *args, **kwargs)
-        with _train_mode_kept(model):
-            return super().batched_forward_pass(model, *args, **kwargs)
+    def batched_forward_pass(self, model, queries, responses, model_inputs, return_logits=False,
+                             response_masks=None):
+        keep = _train_mode_kept(model) if self.checkpointing and torch.is_grad_enabled() else contextlib.nullcontext()
+        with keep:
+            logprobs, logits, values, masks = super().batched_forward_pass(
+                model, queries, responses, model_inputs, return_logits=return_logits, response_masks=response_masks)
+        if self.is_encoder_decoder:  # every decoder token after the start: logprobs[:, t] is token t + 1's
+            masks = model_inputs["decoder_attention_mask"][:, 1:].to(masks.dtype)
+        return logprobs, logits, values, masks
 
     def loss(self, old_logprobs, values, logits, vpreds, logprobs, mask, advantages, returns):
         pg_loss, vf_term, stats = super().loss(old_logprobs, values, logits, vpreds, logprobs, mask, advantages,
@@ -257,6 +271,26 @@ def train_sft(model, tokenizer, texts: list[str], cfg: SFT, seed: int, work_dir:
         trainer = _SFTTrainer(model=model, args=args, train_dataset=data, tokenizer=tokenizer,
                               data_collator=lambda rows: _lm_batch(tokenizer, rows), callbacks=[_Progress("sft")])
     trainer.remove_callback(PrinterCallback)  # a raw dict per log step; the stage prints its own summary
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def train_seq2seq_sft(model, tokenizer, pairs: list[tuple[str, str]], cfg: SFT, seed: int, work_dir: Path,
+                      report: dict) -> list[float]:
+    """transformers' Trainer on (source, target) pairs, for an encoder-decoder policy: the target's
+    cross-entropy given the source (TRL 0.11.4's SFTTrainer is for causal LMs); returns the logged losses."""
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    from . import seq2seq
+
+    data = Dataset.from_dict({"source": [p[0] for p in pairs], "target": [p[1] for p in pairs]})
+    args = TrainingArguments(**_trainer_args(cfg, seed, work_dir, report), remove_unused_columns=False)
+    collate = lambda rows: seq2seq.batch(tokenizer, [(r["source"], r["target"]) for r in rows], cfg.max_length)  # noqa
+    with compat.tensorboard_dir(report.get("logging_dir")):
+        trainer = compat.TokenizerArgument(model=model, args=args, train_dataset=data, tokenizer=tokenizer,
+                                           data_collator=collate, callbacks=[_Progress("sft")])
+    trainer.remove_callback(PrinterCallback)
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 

@@ -22,9 +22,15 @@ LOCAL = {
     "imdb_positive_7b_8bit": {"policy.model": "gpt-neox", "reward.model": "distilbert-imdb",
                               "prompts.dataset": "imdb.jsonl", "prompts.filter": None, "policy.dtype": None},
     "quickstart": {},  # offline already: its data ships with the package
+    "quickstart_seq2seq": {},
+    "flan_t5_detox": {"policy.model": "t5", "reward.model": "roberta-hate", "prompts.dataset": "dialogsum.jsonl",
+                      "sft.dataset": "dialogsum.jsonl", "sft.max_length": None, "prompts.max_source_tokens": None},
 }
 # Stages cut to a few seconds (their learning is tested in test_stages.py and test_quickstart.py).
-SHORT_STAGES = {"quickstart": ["sft.epochs=0.1", "sft.heldout=50", "reward_model.epochs=0.1", "reward_model.heldout=50"]}
+SHORT_STAGES = {"quickstart": ["sft.epochs=0.1", "sft.heldout=50", "reward_model.epochs=0.1", "reward_model.heldout=50"],
+                "quickstart_seq2seq": ["sft.epochs=0.1", "sft.heldout=50", "reward_model.epochs=0.1",
+                                       "reward_model.heldout=50"],
+                "flan_t5_detox": ["sft.epochs=0.2", "sft.heldout=20", "sft.batch_size=8"]}
 # Small enough for a 2-core CPU: two PPO steps of 8 samples.
 SMALL = ["ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=2", "run.steps=2", "eval.num_prompts=16",
          "run.sample_every=1", "run.sample_rows=2", "generation.response_min_tokens=4", "generation.response_max_tokens=8", "reward.batch_size=4"]
@@ -40,7 +46,8 @@ def local_overrides(name: str, tiny_dir) -> list[str]:
     out = []
     for key, value in LOCAL[name].items():
         if value is None:  # fields whose real value does not suit the tiny stand-ins
-            out.append(f"{key}=none" if key != "policy.dtype" else f"{key}=float32")
+            out.append({"policy.dtype": f"{key}=float32", "sft.max_length": f"{key}=128",
+                        "prompts.max_source_tokens": f"{key}=128"}.get(key, f"{key}=none"))
         else:
             out.append(f"{key}={tiny_dir / value}")
     return out + SHORT_STAGES.get(name, [])

@@ -248,3 +248,15 @@ def test_zero2_resumes_exactly_and_matches_ddp(api_run, tmp_path):
     for name, value in load_file(ddp / "model" / "adapter_model.safetensors").items():
         # the same maths, summed in another order (4e-5 apart here); a step moves them about 2e-3
         assert torch.allclose(resumed[name], value, atol=2e-4), name
+
+
+def test_an_encoder_decoder_policy_trains_identically_on_two_processes(tiny_dir, tmp_path):
+    overrides = [*local_overrides("flan_t5_detox", tiny_dir), "prompts.filter=none", "ppo.batch_size=4",
+                 "ppo.mini_batch_size=2", "ppo.ppo_epochs=2", "run.steps=2", "eval.num_prompts=8", "eval.every=0",
+                 "generation.response_min_tokens=4", "generation.response_max_tokens=8", "ppo.learning_rate=1e-2",
+                 f"run.output_dir={tmp_path / 'run'}"]
+    launch(str(TESTS / "ddp_worker.py"), str(tmp_path), "flan_t5_detox", *overrides)
+    ranks = [trainable(tmp_path / f"rank-{r}.safetensors") for r in (0, 1)]
+    assert ranks[0] and all(torch.equal(v, ranks[1][k]) for k, v in ranks[0].items())
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in ranks[0].items())
+    assert [m["env/batch_size"] for m in metrics(tmp_path / "run")] == [8, 8]

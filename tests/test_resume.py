@@ -20,8 +20,9 @@ from rlhf_recipes.rundir import read_metrics
 from rlhf_recipes.run import main
 
 
-def args_for(tiny_dir, out, *extra):
-    return ["imdb_positive", *local_overrides("imdb_positive", tiny_dir), *SMALL, "ppo.learning_rate=1e-3",
+def args_for(tiny_dir, out, *extra, name="imdb_positive"):
+    seq2seq = ["prompts.filter=none", "eval.every=0"] if name == "flan_t5_detox" else []
+    return [name, *local_overrides(name, tiny_dir), *SMALL, *seq2seq, "ppo.learning_rate=1e-3",
             "ppo.entropy_coef=0.01", "run.sample_every=0", f"run.output_dir={out}", *extra]  # with the bonus on
 
 
@@ -46,18 +47,19 @@ def learned(records):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_gives_the_same_steps_as_an_uninterrupted_run(tiny_dir, tmp_path):
+@pytest.mark.parametrize("name", ["imdb_positive", "flan_t5_detox"])  # causal, and encoder-decoder after SFT
+def test_sigkill_then_resume_gives_the_same_steps_as_an_uninterrupted_run(name, tiny_dir, tmp_path):
     steps = ["run.steps=6", "run.checkpoint_every=2", "run.keep_checkpoints=2"]
-    assert main(args_for(tiny_dir, tmp_path / "whole", *steps)) == 0
+    assert main(args_for(tiny_dir, tmp_path / "whole", *steps, name=name)) == 0
 
     out = tmp_path / "killed"
-    proc = start(args_for(tiny_dir, out, *steps))
+    proc = start(args_for(tiny_dir, out, *steps, name=name))
     wait_for_steps(proc, out, 3)  # step 3 done: past the step-2 checkpoint, before the end
     proc.kill()
     assert proc.wait() == -signal.SIGKILL
     assert len(read_metrics(out)) < 6
 
-    assert main(args_for(tiny_dir, out, *steps, "--resume")) == 0
+    assert main(args_for(tiny_dir, out, *steps, "--resume", name=name)) == 0
     whole, resumed = read_metrics(tmp_path / "whole"), read_metrics(out)
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
     assert learned(resumed) == learned(whole)  # exactly: rewards, KL, KL coefficient, losses
