@@ -90,13 +90,19 @@ def llama_tokenizer(texts: list[str], vocab_size: int = 512) -> LlamaTokenizerFa
 
 
 def t5_tokenizer(texts: list[str], vocab_size: int = 512) -> T5TokenizerFast:
-    """SentencePiece-style (Metaspace) BPE with T5's specials, <pad> = 0 and </s> = 1, appending </s>."""
+    """SentencePiece Unigram, as T5's is, with T5's specials, <pad> = 0 and </s> = 1, appending </s>.
+
+    Unigram because transformers 5 rebuilds a saved T5 tokenizer as one. Its pieces come from BPE
+    training (Unigram's trainer starves on a corpus this small), all scored alike: the fewest pieces win."""
     specials = ["<pad>", "</s>", "<unk>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                                        show_progress=False))
+    pieces = sorted(bpe.get_vocab().items(), key=lambda kv: kv[1])
+    tok = Tokenizer(models.Unigram([(p, 0.0 if i < 3 else -1.0) for p, i in pieces], unk_id=2))
+    tok.pre_tokenizer = bpe.pre_tokenizer
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                        special_tokens=[("</s>", 1)])
     return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",

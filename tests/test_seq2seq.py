@@ -69,7 +69,7 @@ def test_kl_is_zero_with_adapters_at_zero_and_not_after_they_move(tiny_dir):
     kl, _, _ = score_responses(policy, queries, responses, tok.pad_token_id, CPU, batch_size=2)
     alone = [score_responses(policy, [q], [r], tok.pad_token_id, CPU, batch_size=1)[0][0]
              for q, r in zip(queries, responses)]
-    assert all(abs(k) > 1e-4 for k in kl) and kl.tolist() == pytest.approx(alone, rel=1e-5)  # padding changes nothing
+    assert all(abs(k) > 1e-4 for k in kl) and kl.tolist() == pytest.approx(alone, rel=1e-4)  # padding changes nothing (float noise aside)
 
 
 def test_templates_and_architecture_limits_are_checked(tiny_dir, tmp_path):
