@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from .config import Prompts, RecipeError
+from .section import template_columns
 from .loading import describe_missing, first_line
 from .recipe import resolve_callable
 
@@ -45,13 +45,13 @@ def load_templated(section: str, dataset: str, split: str, subset: str | None, t
                    text_column: str, extra: dict[str, str] | None = None, keep: Any = None) -> list[tuple[str, ...]]:
     """Rows of (text, *extra columns): the text is `template` filled from the row's columns, or
     the `text_column`; `extra` ({field: column}) adds columns as they are."""
-    fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None] if template else []
-    columns = {f"template:{f}": f for f in dict.fromkeys(fields)} if template else {"text_column": text_column}
+    fields = template_columns(template) if template else []
+    columns = {f"template:{f}": f for f in fields} if template else {"text_column": text_column}
     rows = load_columns(section, dataset, split, subset, {**columns, **(extra or {})}, keep)
     if not template:
         return rows
-    n = len(columns)
-    return [(template.format(**dict(zip(list(dict.fromkeys(fields)), row[:n]))), *row[n:]) for row in rows]
+    n = len(fields)
+    return [(template.format(**dict(zip(fields, row[:n]))), *row[n:]) for row in rows]
 
 
 def load_columns(section: str, dataset: str, split: str, subset: str | None, columns: dict[str, str],

@@ -30,8 +30,9 @@ from .policy import build_policy, load_tokenizer
 from .recipe import apply_overrides, resolve_callable
 from .report import summary_line, write_report
 from .reward import build_reward, reward_inputs
-from .rollout import decode_pairs, evaluating, generate, is_seq2seq, pad_batch
+from .rollout import decode_pairs, evaluating, generate, pad_batch
 from .run import OneLineParser
+from .seq2seq import is_encoder_decoder
 from .rundir import EVAL, HELDOUT, MODEL, RECIPE, load_policy_weights, read_heldout, read_metrics
 
 KL_AT_START_TOLERANCE = 1e-6
@@ -53,7 +54,7 @@ def score_responses(model, queries: list[torch.Tensor], responses: list[torch.Te
     kl, ent, ref_ent = [], [], []
     for start in range(0, len(queries), batch_size):
         qs, rs = queries[start:start + batch_size], responses[start:start + batch_size]
-        inputs, targets, mask = scoring_inputs(qs, rs, pad_id, device, is_seq2seq(model))
+        inputs, targets, mask = scoring_inputs(qs, rs, pad_id, device, is_encoder_decoder(model))
         logits = peft_model(**inputs).logits[:, :-1]  # logits at t predict token t + 1
         with peft_model.disable_adapter():
             ref_logits = peft_model(**inputs).logits[:, :-1]
@@ -124,8 +125,8 @@ def _evaluate(model, tokenizer, reward_fn, queries, recipe, device, step, check_
             torch.manual_seed(ev.seed)  # same seed for both: identical models give identical samples
             with adapters:
                 responses = generate(model, tokenizer, queries, lengths, gen, device, done)
-            texts = decode_pairs(tokenizer, queries, responses, is_seq2seq(model))
-            generated = [r[1:] for r in responses] if is_seq2seq(model) else responses  # no start token
+            texts = decode_pairs(tokenizer, queries, responses, is_encoder_decoder(model))
+            generated = [r[1:] for r in responses] if is_encoder_decoder(model) else responses  # no start token
             sides[side] = _per_sample(generated, *texts, reward_fn, judge, recipe)
             kl, ent, ref_ent = score_responses(model, queries, responses, tokenizer.pad_token_id, device,
                                                ev.batch_size, done)

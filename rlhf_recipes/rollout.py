@@ -8,6 +8,7 @@ import torch
 from transformers import GenerationConfig
 
 from .config import Generation
+from .seq2seq import is_encoder_decoder
 
 
 def pad_batch(seqs: list[torch.Tensor], pad_id: int, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,12 +49,6 @@ def sampling_config(gen: Generation, max_new_tokens: int, tokenizer) -> Generati
     return GenerationConfig(do_sample=True, top_k=gen.top_k, top_p=gen.top_p, temperature=gen.temperature,
                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                             eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
-
-
-def is_seq2seq(model) -> bool:
-    """Whether `model` (TRL's value-head wrapper, a PEFT model or a plain one) is an encoder-decoder."""
-    return bool(getattr(model, "is_encoder_decoder", False) or getattr(getattr(model, "config", None),
-                                                                         "is_encoder_decoder", False))
 
 
 def _base(model):
@@ -98,7 +93,7 @@ def generate(model, tokenizer, queries: list[torch.Tensor], lengths: list[int], 
     """
     chunk = gen.batch_size or len(queries)
     responses: list[torch.Tensor] = []
-    encoder_decoder = is_seq2seq(model)
+    encoder_decoder = is_encoder_decoder(model)
     with evaluating(model):
         for start in range(0, len(queries), chunk):
             qs, ls = queries[start:start + chunk], lengths[start:start + chunk]

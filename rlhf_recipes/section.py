@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import string
 import types
 import typing
 from collections.abc import Callable
@@ -103,21 +104,21 @@ def _positive(section: Section, *names: str) -> None:
         section.require(value is None or (value > 0 and math.isfinite(value)), name, "must be > 0")
 
 
+def template_columns(template: str) -> list[str]:
+    """The column names a format string reads, in order, each once: '{a} and {b}' -> ['a', 'b']."""
+    return list(dict.fromkeys(f for _, f, _, _ in string.Formatter().parse(template) if f is not None))
 
 
 def template_fields(section: Section, name: str) -> list[str]:
     """The column names a format-string field (e.g. prompts.template) reads, checked; [] if unset."""
-    import string
-
     template = getattr(section, name)
     if template is None:
         return []
     try:
-        parsed = list(string.Formatter().parse(template))
+        fields = template_columns(template)
     except ValueError as err:
         raise RecipeError(f"{section.key(name)} is not a valid format string ({err}); write columns as "
                           "{column} and a literal brace as {{ or }}") from None
-    fields = [f for _, f, spec, conv in parsed if f is not None]
     section.require(bool(fields) and all(f.isidentifier() for f in fields), name,
                     "must name dataset columns as {column} (plain names, e.g. '... {dialogue} ...')")
-    return list(dict.fromkeys(fields))
+    return fields

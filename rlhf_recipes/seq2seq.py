@@ -13,8 +13,10 @@ from .config import Policy, RecipeError
 T5_FAMILY = frozenset({"t5", "mt5", "umt5", "longt5", "switch_transformers"})
 
 
-def is_encoder_decoder(config) -> bool:
-    return bool(getattr(config, "is_encoder_decoder", False))
+def is_encoder_decoder(obj) -> bool:
+    """Whether `obj` (a config, a transformers model, PEFT's or TRL's wrapper of one) is an encoder-decoder."""
+    return bool(getattr(obj, "is_encoder_decoder", False)
+                or getattr(getattr(obj, "config", None), "is_encoder_decoder", False))
 
 
 def check_policy(cfg: Policy, config) -> None:

@@ -23,6 +23,7 @@ from trl import (AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithVal
 from trl.core import entropy_from_logits, masked_mean  # noqa: E402
 
 from . import distributed  # noqa: E402
+from .seq2seq import is_encoder_decoder  # noqa: E402
 from .console import StepDisplay  # noqa: E402
 from .config import SFT, Recipe, RecipeError, RewardModel  # noqa: E402
 
@@ -35,7 +36,7 @@ def with_value_head(adapted_model) -> AutoModelForCausalLMWithValueHead:
     (8-bit and 4-bit models on a CPU have one), so the wrapper is built directly and
     the value head placed next to the weights, which works the same on CPU and CUDA.
     """
-    wrapper = (AutoModelForSeq2SeqLMWithValueHead if getattr(adapted_model.config, "is_encoder_decoder", False)
+    wrapper = (AutoModelForSeq2SeqLMWithValueHead if is_encoder_decoder(adapted_model)
                else AutoModelForCausalLMWithValueHead)
     model = wrapper(adapted_model, summary_dropout_prob=0.0)
     # tells PPOTrainer to use the adapters-off model as reference (built directly, TRL leaves it

@@ -31,6 +31,10 @@ SHORT_STAGES = {"quickstart": ["sft.epochs=0.1", "sft.heldout=50", "reward_model
                 "quickstart_seq2seq": ["sft.epochs=0.1", "sft.heldout=50", "reward_model.epochs=0.1",
                                        "reward_model.heldout=50"],
                 "flan_t5_detox": ["sft.epochs=0.2", "sft.heldout=20", "sft.batch_size=8"]}
+# A quickstart shortened to about a minute on a 2-core CPU (1.5 for seq2seq): fewer SFT and
+# reward-model epochs, 15 PPO steps of 64.
+SHORT_QUICKSTART = ["sft.epochs=2", "reward_model.epochs=1", "ppo.batch_size=64", "ppo.mini_batch_size=16",
+                    "run.steps=15", "eval.num_prompts=64", "eval.batch_size=64", "eval.every=0", "run.sample_every=0"]
 # Small enough for a 2-core CPU: two PPO steps of 8 samples.
 SMALL = ["ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=2", "run.steps=2", "eval.num_prompts=16",
          "run.sample_every=1", "run.sample_rows=2", "generation.response_min_tokens=4", "generation.response_max_tokens=8", "reward.batch_size=4"]

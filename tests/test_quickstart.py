@@ -7,18 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SHORT_QUICKSTART
 from rlhf_recipes.report import reward_gain
 from rlhf_recipes.run import main
-
-# About a minute on a 2-core CPU: fewer SFT and reward-model epochs, 15 PPO steps of 64.
-SHORT = ["sft.epochs=2", "reward_model.epochs=1", "ppo.batch_size=64", "ppo.mini_batch_size=16", "run.steps=15",
-         "eval.num_prompts=64", "eval.batch_size=64", "eval.every=0", "run.sample_every=0"]
-
 
 @pytest.mark.slow
 def test_a_short_quickstart_learns_and_holds_the_kl(tmp_path):
     out = tmp_path / "quickstart"
-    assert main(["quickstart", *SHORT, f"run.output_dir={out}"]) == 0
+    assert main(["quickstart", *SHORT_QUICKSTART, f"run.output_dir={out}"]) == 0
     result = json.loads((out / "eval.json").read_text())
     before, after = result["before"], result["after"]
     assert after["reward_improvement"]["ci95"][0] > 0  # significant, paired by prompt

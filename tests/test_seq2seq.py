@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForSeq2SeqLM
 
-from conftest import SMALL, local_overrides
+from conftest import SHORT_QUICKSTART, SMALL, local_overrides
 from rlhf_recipes import Generation, Policy, Prompts, RecipeError, apply_overrides, load_recipe, trl_backend
 from rlhf_recipes.data import load_prompts
 from rlhf_recipes.evaluation import score_responses
@@ -128,15 +128,10 @@ def test_a_seq2seq_run_trains_quietly_and_its_adapter_loads(tiny_dir, tmp_path, 
     assert main(["flan_t5_detox", f"run.output_dir={out}", "--dry-run"]) == 0
 
 
-# About 1.5 minutes on a 2-core CPU: fewer SFT and reward-model epochs, 15 PPO steps of 64.
-SHORT = ["sft.epochs=2", "reward_model.epochs=1", "ppo.batch_size=64", "ppo.mini_batch_size=16", "run.steps=15",
-         "eval.num_prompts=64", "eval.batch_size=64", "eval.every=0", "run.sample_every=0"]
-
-
 @pytest.mark.slow
 def test_a_short_seq2seq_quickstart_learns_and_holds_the_kl(tmp_path):
     out = tmp_path / "quickstart_seq2seq"
-    assert main(["quickstart_seq2seq", *SHORT, f"run.output_dir={out}"]) == 0
+    assert main(["quickstart_seq2seq", *SHORT_QUICKSTART, f"run.output_dir={out}"]) == 0
     result = json.loads((out / "eval.json").read_text())
     before, after = result["before"], result["after"]
     assert before["policy"]["kl"]["mean"] == 0.0
