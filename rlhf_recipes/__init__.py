@@ -4,12 +4,12 @@ A recipe is a short Python file that builds one `Recipe`; `train(recipe)` runs i
 Importing this package is cheap: torch and TRL load only when training starts.
 """
 from . import quiet
-from .config import PPO, SFT, Eval, Generation, Policy, Prompts, Recipe, RecipeError, Reward, RewardModel, Run
+from .config import DPO, PPO, SFT, Eval, Generation, Policy, Prompts, Recipe, RecipeError, Reward, RewardModel, Run
 from .recipe import apply_overrides, load_recipe, shipped_recipes
 
 quiet.install()
 
-__all__ = ["PPO", "SFT", "Eval", "Generation", "Policy", "Prompts", "Recipe", "RecipeError", "Reward", "RewardModel", "Run",
+__all__ = ["DPO", "PPO", "SFT", "Eval", "Generation", "Policy", "Prompts", "Recipe", "RecipeError", "Reward", "RewardModel", "Run",
            "apply_overrides", "load_recipe", "shipped_recipes", "train"]
 __version__ = "0.1.0"
 

@@ -95,9 +95,6 @@ def resume_point(out: Path, recipe, processes: int, deepspeed: bool) -> Checkpoi
     saved = latest(out)
     if saved is None:
         console.print(f"--resume: the run in {out} has no checkpoint yet; starting it again from step 0")
-    elif saved.step > recipe.run.steps:
-        raise RecipeError(f"--resume: the run in {str(out)!r} is at step {saved.step}, past run.steps="
-                          f"{recipe.run.steps}; resume with run.steps>={saved.step}")
     elif saved.state.get("processes", 1) != processes:
         raise RecipeError(f"--resume: the run in {str(out)!r} was trained by {saved.state.get('processes', 1)} "
                           f"process(es), not {processes}; resume it with as many (accelerate launch --num_processes "
@@ -107,6 +104,13 @@ def resume_point(out: Path, recipe, processes: int, deepspeed: bool) -> Checkpoi
                           "DeepSpeed, whose optimizer state is split between processes; resume it with the same "
                           "accelerate launch --config_file")
     return saved
+
+
+def check_steps(saved: Checkpoint | None, steps: int, out: Path) -> None:
+    """Refuse to resume a run that is already past the `steps` it is now asked to take."""
+    if saved is not None and saved.step > steps:
+        raise RecipeError(f"--resume: the run in {str(out)!r} is at step {saved.step}, past the {steps} steps "
+                          f"asked for now; resume with run.steps>={saved.step}")
 
 
 def rng_state() -> dict:

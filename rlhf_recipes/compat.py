@@ -22,6 +22,11 @@ def patch_trl_flags() -> None:
     for name, value in vars(flags).items():
         if name.startswith("_") and name.endswith("_available") and isinstance(value, tuple):
             setattr(flags, name, bool(value[0]))
+    # and TRL's DPO trainer imports a mapping that 5.x renamed; it only reads it for vision models
+    from transformers.models.auto import modeling_auto
+
+    if not hasattr(modeling_auto, "MODEL_FOR_VISION_2_SEQ_MAPPING_NAMES"):
+        modeling_auto.MODEL_FOR_VISION_2_SEQ_MAPPING_NAMES = {}
 
 
 def warmup(fraction: float) -> dict:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
-from .config_stages import SFT, RewardModel
+from .config_stages import DPO, SFT, RewardModel
 from .section import RecipeError, Section, _positive, conforms, template_fields, type_name  # noqa: F401
 
 
@@ -259,11 +259,12 @@ class Run(Section):
 
     section: typing.ClassVar[str] = "run"
     output_dir: str
-    steps: int
-    """PPO steps; each uses ppo.batch_size prompts."""
+    steps: Optional[int] = None
+    """PPO steps, each of ppo.batch_size prompts (a PPO recipe must set it). DPO counts its
+    steps from dpo.epochs; set here, it stops sooner."""
     seed: int = 0
     sample_every: int = 10
-    """Print a table of samples every N steps (0: only at the end)."""
+    """Print a table of samples every N steps (0: only at the end); PPO only."""
     sample_rows: int = 4
     overwrite: bool = False
     """Allow writing into a non-empty output directory (its old contents are removed)."""
@@ -292,26 +293,34 @@ class Run(Section):
         self.require(self.sample_every >= 0, "sample_every", "must be >= 0")
 
 
-SECTIONS: dict[str, type] = {c.section: c for c in (Policy, Reward, Prompts, Generation, PPO, Eval, Run,
+SECTIONS: dict[str, type] = {c.section: c for c in (Policy, Reward, Prompts, Generation, PPO, DPO, Eval, Run,
                                                      SFT, RewardModel)}
 PATH_FIELDS = {"policy": ("model",), "reward": ("model",), "prompts": ("dataset",), "sft": ("dataset",),
-               "reward_model": ("dataset", "model")}
+               "reward_model": ("dataset", "model"), "dpo": ("dataset",)}
 """Fields that name a model or dataset: a Hub id, or a local path."""
 STAGES = ("sft", "reward_model")
-"""Optional sections: stages that run, in this order, before PPO."""
+"""Optional sections: stages that run, in this order, before PPO (or DPO)."""
+METHODS = ("ppo", "dpo")
+"""The training sections: a recipe has exactly one."""
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """A whole PPO run: what to train, against what reward, on which prompts, and how."""
+    """A whole run: what to train, against what reward, on which prompts, and how.
+
+    The training method is the section the recipe gives, `ppo` or `dpo`: their fields have
+    nothing in common, so a method switch would leave half of each unused. Either way the
+    reward scores the evaluation, and `generation` samples it from the held-out prompts.
+    """
 
     name: str
     policy: Policy
     reward: Reward
     prompts: Prompts
     generation: Generation
-    ppo: PPO
     run: Run
+    ppo: Optional[PPO] = None
+    dpo: Optional[DPO] = None
     eval: Eval = field(default_factory=Eval)
     sft: Optional[SFT] = None
     reward_model: Optional[RewardModel] = None
@@ -319,8 +328,13 @@ class Recipe:
     def __post_init__(self) -> None:
         for name, cls in SECTIONS.items():
             value = getattr(self, name)
-            if not isinstance(value, cls) and not (value is None and name in STAGES):
+            if not isinstance(value, cls) and not (value is None and name in STAGES + METHODS):
                 raise RecipeError(f"recipe.{name} must be a {cls.__name__}(...) section, got {type(value).__name__}")
+        if (self.ppo is None) == (self.dpo is None):
+            raise RecipeError("a recipe trains with ppo=PPO(...) or dpo=DPO(...): give exactly one"
+                              + ("" if self.ppo is None else f", not both (recipe {self.name!r})"))
+        if self.ppo is not None and self.run.steps is None:
+            raise RecipeError("run.steps is required with PPO: how many PPO steps to take")
         given = [k for k in ("model", "function") if getattr(self.reward, k) not in ("", None)]
         if self.reward_model is not None and given:
             raise RecipeError(f"reward.{given[0]} must be unset: the reward_model stage provides the reward")

@@ -1,6 +1,8 @@
-"""Recipe sections for the optional stages that run before PPO: SFT and a reward model."""
+"""Recipe sections beside PPO's: the optional stages before it (SFT, a reward model), and DPO,
+which a recipe gives instead of PPO."""
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -69,6 +71,9 @@ class RewardModel(Section):
     split: str = "train"
     chosen_column: str = "chosen"
     rejected_column: str = "rejected"
+    ranking_column: Optional[str] = None
+    """Instead of chosen and rejected: a column holding K texts, best first, expanded into its
+    K(K-1)/2 pairs (the held-out rows then count rankings, not pairs)."""
     max_length: int = 128
     center_rewards: Optional[float] = 0.01
     """Weight of a penalty on the squared reward, which keeps rewards near 0 for PPO; none turns it off."""
@@ -78,3 +83,79 @@ class RewardModel(Section):
     def check(self) -> None:
         self.require(bool(self.dataset.strip()), "dataset", "must name a Hub dataset or local file(s)")
         _positive(self, "learning_rate", "epochs", "batch_size", "max_length", "heldout")
+        self.require(self.ranking_column is None or bool(self.ranking_column.strip()), "ranking_column",
+                     "must name a column")
+
+
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
+              "aot_pair", "apo_zero", "apo_down")
+"""TRL 0.11.4's DPO losses, by its names."""
+_SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_pair")
+"""The losses that read label_smoothing; TRL ignores it in the others."""
+
+
+@dataclass(frozen=True)
+class DPO(Section):
+    """Direct Preference Optimization with TRL's DPO loss, instead of a reward model and PPO.
+
+    Trains the recipe's LoRA policy on (prompt, chosen, rejected) triples; the reference is
+    the same model with its adapters off (after SFT, if the recipe has that stage), so there
+    is no second copy. The run is evaluated as a PPO run is: the recipe's reward and
+    KL(policy || reference) of the policy's own samples on the held-out prompts.
+    """
+
+    section: typing.ClassVar[str] = "dpo"
+    dataset: str
+    """Preference data: a Hub id or local csv/json/jsonl/parquet file(s)."""
+    learning_rate: float
+    epochs: float
+    """Passes over the training pairs; the run takes ceil(epochs * pairs / batch_size) steps
+    (run.steps, if set, stops it sooner)."""
+    batch_size: int
+    beta: float
+    """How far from the reference the loss lets the policy move: lower allows more KL."""
+    loss_type: Literal[LOSS_TYPES] = "sigmoid"
+    max_length: int = 128
+    """Prompt plus answer, in tokens (TRL falls back to 512 when unset: set it here)."""
+    max_prompt_length: int = 64
+    """Prompt tokens kept (its end) when prompt and answer are too long together."""
+    label_smoothing: float = 0.0
+    """The assumed share of flipped labels (conservative DPO); for sigmoid, robust, exo_pair, aot, aot_pair."""
+    rpo_alpha: Optional[float] = None
+    """Weight of an SFT term on the chosen answers (RPO); none leaves it out."""
+    gradient_accumulation_steps: int = 1
+    """Split each batch into this many passes, for memory; the update is the same."""
+    max_grad_norm: Optional[float] = 1.0
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "linear"
+    warmup_ratio: float = 0.1
+    split: str = "train"
+    subset: Optional[str] = None
+    prompt_column: str = "prompt"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    ranking_column: Optional[str] = None
+    """Instead of chosen and rejected: a column holding K answers to the prompt, best first,
+    expanded into its K(K-1)/2 pairs."""
+    separator: str = ""
+    """Put between the prompt and each answer: TRL joins them as they are, so a prompt and an
+    answer with no space of their own run together ("greatmovie"). Yours to decide."""
+    heldout: int = 200
+    """Rows kept out of training, to measure DPO's own metrics (margins, accuracy) on before and after."""
+
+    def check(self) -> None:
+        self.require(bool(self.dataset.strip()), "dataset", "must name a Hub dataset or local file(s)")
+        _positive(self, "learning_rate", "epochs", "batch_size", "beta", "max_length", "max_prompt_length",
+                  "gradient_accumulation_steps", "max_grad_norm", "heldout")
+        self.require(self.max_prompt_length < self.max_length, "max_prompt_length",
+                     f"must be < dpo.max_length ({self.max_length}), to leave room for the answer")
+        self.require(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
+        self.require(self.label_smoothing == 0 or self.loss_type in _SMOOTHED, "label_smoothing",
+                     f"is ignored by loss_type={self.loss_type!r}; it applies to {', '.join(_SMOOTHED)}")
+        self.require(self.rpo_alpha is None or (self.rpo_alpha >= 0 and math.isfinite(self.rpo_alpha)),
+                     "rpo_alpha", "must be finite and >= 0, or none")
+        self.require(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        self.require(self.batch_size % self.gradient_accumulation_steps == 0, "batch_size",
+                     f"must be a multiple of dpo.gradient_accumulation_steps ({self.gradient_accumulation_steps})")
+        for name in ("prompt_column", "chosen_column", "rejected_column", "ranking_column"):
+            value = getattr(self, name)
+            self.require(value is None or bool(value.strip()), name, "must name a column")

@@ -26,9 +26,11 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 
 def step_summary(stats: dict[str, float]) -> str:
-    """The figures a person watches: reward, KL, KL coefficient, loss and step time."""
+    """The figures a person watches: reward, KL, KL coefficient, loss and step time (PPO); DPO's
+    loss, margin and pair accuracy."""
     parts = [("reward", "env/reward_mean"), ("kl", "objective/kl"), ("kl_coef", "objective/kl_coef"),
-             ("loss", "ppo/loss/total")]
+             ("loss", "ppo/loss/total"), ("loss", "loss"), ("margin", "rewards/margins"),
+             ("accuracy", "rewards/accuracies")]
     text = " | ".join(f"{name} {stats[key] + 0.0:.4g}" for name, key in parts if key in stats)  # no "-0"
     return text + (f" | {stats['time/step']:.2f}s" if "time/step" in stats else "")
 

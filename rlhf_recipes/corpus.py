@@ -8,6 +8,8 @@ side of a paired word list. That gives
   reviews.jsonl   texts to imitate (the SFT stage): mixed, but mostly critical;
   pairs.jsonl     one plan rendered both ways, positive chosen over negative (the reward
                   model), some cut short, some against an opening that gives no opinion;
+  preferences.jsonl  the same pairs split where they part: {prompt, chosen, rejected}, the
+                  prompt their shared opening (DPO's pairs, in the DPO quickstart);
   prompts.jsonl   openings of reviews, cut before their first opinion word (PPO's prompts);
   base/           a word-level tokenizer trained on the reviews, and a small GPT-2 config
                   (no weights: the SFT stage starts from random ones);
@@ -166,14 +168,16 @@ def train_tokenizer(texts: list[str], directory: Path, max_length: int = 64, seq
 
 def write(directory: Path, seed: int = 0, num_reviews: int = 4000, num_pairs: int = 3000,
           num_prompts: int = 1000) -> None:
-    """Everything the quickstart recipes read: reviews.jsonl, pairs.jsonl, prompts.jsonl, base/,
-    continuations.jsonl and base_seq2seq/."""
+    """Everything the quickstart recipes read: reviews.jsonl, pairs.jsonl, preferences.jsonl,
+    prompts.jsonl, base/, continuations.jsonl and base_seq2seq/."""
     from transformers import GPT2Config, T5Config
 
     directory.mkdir(parents=True, exist_ok=True)
     rows = reviews(num_reviews, seed)
     _write_jsonl(directory / "reviews.jsonl", rows)
-    _write_jsonl(directory / "pairs.jsonl", pairs(num_pairs, seed + 1))
+    pair_rows = pairs(num_pairs, seed + 1)
+    _write_jsonl(directory / "pairs.jsonl", pair_rows)
+    _write_jsonl(directory / "preferences.jsonl", preferences(pair_rows))
     _write_jsonl(directory / "prompts.jsonl", openings(num_prompts, seed + 2))
     tokenizer = train_tokenizer([r["text"] for r in rows], directory / "base")
     # about 0.4M parameters: a 2-core CPU trains it in under a minute; 64 positions fit every
@@ -188,6 +192,21 @@ def write(directory: Path, seed: int = 0, num_reviews: int = 4000, num_pairs: in
     T5Config(vocab_size=len(t5_tokenizer), d_model=128, d_kv=32, d_ff=256, num_layers=2, num_decoder_layers=2,
              num_heads=4, feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
              tie_word_embeddings=False).save_pretrained(directory / "base_seq2seq")
+
+
+def preferences(pair_rows: list[dict]) -> list[dict]:
+    """Each pair split at its first differing word: {'prompt', 'chosen', 'rejected'}, the
+    answers without a leading space (the DPO quickstart joins them with one). Pairs that
+    differ from their first word, or where one text is the other's opening, have no
+    prompt or no answer and are left out."""
+    out = []
+    for row in pair_rows:
+        chosen, rejected = row["chosen"].split(), row["rejected"].split()
+        first = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+        if 0 < first < min(len(chosen), len(rejected)):
+            out.append({"prompt": " ".join(chosen[:first]), "chosen": " ".join(chosen[first:]),
+                        "rejected": " ".join(rejected[first:])})
+    return out
 
 
 def continuations(rows: list[dict]) -> list[dict]:

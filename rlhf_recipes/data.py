@@ -55,10 +55,12 @@ def load_templated(section: str, dataset: str, split: str, subset: str | None, t
 
 
 def load_columns(section: str, dataset: str, split: str, subset: str | None, columns: dict[str, str],
-                 keep: Any = None) -> list[tuple[str, ...]]:
+                 keep: Any = None, ranked: str | None = None) -> list[tuple]:
     """Rows of the named text columns ({field: column path}) of a dataset, after the filter `keep`.
 
-    Rows where any of them is not a non-empty string are dropped. Errors name `section`'s fields.
+    Rows where any of them is not a non-empty string are dropped; the field `ranked`, if
+    given, holds a list of such strings instead (a tuple, kept when it has two or more).
+    Errors name `section`'s fields.
     """
     with no_progress_bars():
         ds = _load_dataset(section, dataset, split, subset)
@@ -72,7 +74,32 @@ def load_columns(section: str, dataset: str, split: str, subset: str | None, col
         else:
             ds = ds.select_columns(sorted({path.split(".")[0] for path in columns.values()}))
         rows = [tuple(_field(row, path) for path in columns.values()) for row in ds]
-    return [r for r in rows if all(isinstance(v, str) and v.strip() for v in r)]
+    if ranked is not None:
+        at = list(columns).index(ranked)
+        if rows and not any(isinstance(r[at], (list, tuple)) for r in rows):
+            raise RecipeError(f"{section}.{ranked} {columns[ranked]!r} holds {type(rows[0][at]).__name__}, not "
+                              "lists of texts (best first); name a column of lists, or use chosen and rejected columns")
+        rows = [(*r[:at], tuple(t for t in r[at] if isinstance(t, str) and t.strip()), *r[at + 1:])
+                for r in rows if isinstance(r[at], (list, tuple))]
+    return [r for r in rows if all(len(v) >= 2 if isinstance(v, tuple) else isinstance(v, str) and v.strip()
+                                   for v in r)]
+
+
+def load_preferences(section: str, cfg, prompt_column: str | None = None) -> list[list[tuple[str, ...]]]:
+    """Preference pairs from a reward_model or dpo section, one group per dataset row:
+    [(prompt, chosen, rejected)] (without the prompt if prompt_column is None), or a ranking's
+    K(K-1)/2 pairs, each better answer before each worse one. Groups keep a row's pairs together,
+    so a held-out share never shares a prompt with training."""
+    answers = ({"ranking_column": cfg.ranking_column} if cfg.ranking_column else
+               {"chosen_column": cfg.chosen_column, "rejected_column": cfg.rejected_column})
+    columns = {**({"prompt_column": prompt_column} if prompt_column else {}), **answers}
+    rows = load_columns(section, cfg.dataset, cfg.split, getattr(cfg, "subset", None), columns,
+                        ranked="ranking_column" if cfg.ranking_column else None)
+    lead = 1 if prompt_column else 0
+    if not cfg.ranking_column:
+        return [[row] for row in rows]
+    return [[(*row[:lead], best, worse) for i, best in enumerate(row[lead]) for worse in row[lead][i + 1:]]
+            for row in rows]
 
 
 @contextlib.contextmanager

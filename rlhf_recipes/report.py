@@ -62,6 +62,7 @@ def markdown(result: dict, note: str | None = None) -> str:
     lines += [f"| reward improvement over reference (paired) | | {_cell(b['reward_improvement'])} | "
               f"{_cell(a['reward_improvement'])} | |",
               f"| win rate over reference | | {_cell(b['win_rate'])} | {_cell(a['win_rate'])} | |", "",
+              *_pair_lines(b, a),
               "![training](training.png)", "", "![rewards before and after](reward_hist.png)", "",
               "## Samples after training", "",
               "| prompt | reference | policy | reward (ref) | reward (policy) |", "|---|---|---|---|---|"]
@@ -72,6 +73,17 @@ def markdown(result: dict, note: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _pair_lines(before: dict, after: dict) -> list[str]:
+    """A DPO run's own metrics on its held-out preference pairs, before and after, if it has them."""
+    b, a = before.get("heldout_pairs"), after.get("heldout_pairs")
+    if not (a and b):
+        return []
+    return [f"DPO's own metrics on its held-out preference pairs (log-ratios on the dataset's answers, not "
+            f"samples): accuracy {b['rewards/accuracies']:.1%} -> {a['rewards/accuracies']:.1%} (a tie counts as "
+            f"wrong), margin {num(b['rewards/margins'])} -> {num(a['rewards/margins'])}, "
+            f"loss {num(b['loss'])} -> {num(a['loss'])}.", ""]
+
+
 def plot(out: Path, result: dict, metrics: list[dict]) -> None:
     """training.png: reward, KL (with the adaptive controller's target) and KL coefficient per step,
     with the held-out evaluations; reward_hist.png: rewards before vs after."""
@@ -80,19 +92,24 @@ def plot(out: Path, result: dict, metrics: list[dict]) -> None:
     matplotlib.use("Agg")  # files only; never a window
     import matplotlib.pyplot as plt
 
+    recipe = json.loads((out / RECIPE).read_text()) if (out / RECIPE).exists() else {}
+    dpo = bool(recipe.get("dpo"))  # no sampled batches to plot: DPO's own margin on its training pairs instead
+    panels = ([(None, "reward (held-out samples)"), (None, "KL (held-out samples)"),
+               ("rewards/margins", "DPO margin (training pairs)")] if dpo else
+              [("env/reward_mean", "reward"), ("objective/kl", "KL (training batch)"),
+               ("objective/kl_coef", "KL coefficient")])
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
     steps = [m["step"] for m in metrics]
-    for ax, (key, title) in zip(axes, [("env/reward_mean", "reward"), ("objective/kl", "KL (training batch)"),
-                                       ("objective/kl_coef", "KL coefficient")]):
-        ax.plot(steps, [m.get(key, math.nan) for m in metrics], marker="." if len(steps) < 50 else None,
-                label="training batch")
+    for ax, (key, title) in zip(axes, panels):
+        if key is not None:
+            ax.plot(steps, [m.get(key, math.nan) for m in metrics], marker="." if len(steps) < 50 else None,
+                    label="training batch")
         ax.set_title(title)
-        ax.set_xlabel("PPO step")
+        ax.set_xlabel("DPO step" if dpo else "PPO step")
     evals = [result["before"], *result.get("during", []), result["after"]]
     for ax, key in zip(axes, ("reward", "kl")):
         ax.plot([e["step"] for e in evals], [e["policy"][key]["mean"] for e in evals], "s--", label="held-out eval")
-    recipe = json.loads((out / RECIPE).read_text()) if (out / RECIPE).exists() else {}
-    if recipe.get("ppo", {}).get("adap_kl_ctrl"):  # the KL the adaptive controller steers towards
+    if (recipe.get("ppo") or {}).get("adap_kl_ctrl"):  # the KL the adaptive controller steers towards
         axes[1].axhline(recipe["ppo"]["target"], color="grey", linestyle=":", label="target")
     axes[0].legend()
     axes[1].legend()
@@ -121,14 +138,20 @@ def model_card(result: dict, recipe: dict, model_dir: Path) -> str:
             f"`{policy['model']}`" if recipe.get("sft") else f"`{policy['model']}`")
     rewarded_by = (f"`{reward['model']}`, label `{reward['label']}`" if reward.get("model") else
                    f"`{reward['function']}`" if reward.get("function") else "the reward model trained in its stage")
-    return (f"# {recipe['name']}: a LoRA adapter trained with PPO\n\n"
+    method = "DPO" if recipe.get("dpo") else "PPO"
+    if recipe.get("dpo"):
+        rewarded_by = f"preference pairs from `{recipe['dpo']['dataset']}`; evaluated with " + rewarded_by
+    head = (f"The value head PPO trained is in `value_head.safetensors`; it is not needed to generate." if method == "PPO"
+            else "`value_head.safetensors` is untrained (DPO has none) and kept only so the directory loads as a PPO "
+                 "run's does.")
+    return (f"# {recipe['name']}: a LoRA adapter trained with {method}\n\n"
             f"Made by rlhf_recipes from the recipe `{recipe['name']}`"
             f"{' after its ' + ' and '.join(stages) + ' stage' + ('s' if len(stages) > 1 else '') if stages else ''}. "
             f"Base model: {base}{' (' + policy['quantization'] + ')' if policy['quantization'] != 'none' else ''}"
             f", as recorded in `adapter_config.json`. Reward: {rewarded_by} (input: {reward['input']}). "
-            f"The value head PPO trained is in `value_head.safetensors`; it is not needed to generate.\n\n"
+            f"{head}\n\n"
             f"## Held-out evaluation ({a['num_prompts']} prompts never trained on)\n\n"
-            "| | before (the reference) | after PPO |\n|---|---|---|\n"
+            f"| | before (the reference) | after {method} |\n|---|---|---|\n"
             f"| reward | {_cell(b['policy']['reward'])} | {_cell(a['policy']['reward'])} |\n"
             f"| KL(policy ‖ reference), nats | {_cell(b['policy']['kl'])} | {_cell(a['policy']['kl'])} |\n"
             f"{judged}| win rate over the reference | | {_cell(a['win_rate'])} |\n\n"

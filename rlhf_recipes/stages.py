@@ -31,7 +31,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqL
 from . import distributed, seq2seq, trl_backend
 from .config import Recipe, RecipeError
 from .console import console
-from .data import load_columns, load_templated, no_progress_bars
+from .data import load_preferences, load_templated, no_progress_bars
 from .loading import load_pretrained
 from .policy import DTYPES, add_lora, load_tokenizer
 from .reward import model_inputs
@@ -90,7 +90,7 @@ def _sft(recipe: Recipe, base: str, tmp: Path | None, device: torch.device, out:
                           "to write from the source (sft.template or sft.text_column), e.g. summary")
     extra = {"target_column": cfg.target_column} if encoder_decoder else None
     rows = load_templated("sft", cfg.dataset, cfg.split, None, cfg.template, cfg.text_column, extra)
-    held, train = _split(rows if encoder_decoder else [r[0] for r in rows], cfg.heldout, recipe.run.seed, "sft")
+    held, train = split(rows if encoder_decoder else [r[0] for r in rows], cfg.heldout, recipe.run.seed, "sft")
     set_seed(recipe.run.seed)
     auto = AutoModelForSeq2SeqLM if encoder_decoder else AutoModelForCausalLM
     if cfg.init == "random":
@@ -118,9 +118,8 @@ def _sft(recipe: Recipe, base: str, tmp: Path | None, device: torch.device, out:
 def _reward_model(recipe: Recipe, base: str, tmp: Path | None, device: torch.device, out: Path) -> dict:
     cfg = recipe.reward_model
     tokenizer = load_tokenizer("reward_model.model", base)
-    rows = load_columns("reward_model", cfg.dataset, cfg.split, None,
-                        {"chosen_column": cfg.chosen_column, "rejected_column": cfg.rejected_column})
-    held, train = _split(rows, cfg.heldout, recipe.run.seed, "reward_model")
+    held, train = (flatten(g) for g in split(load_preferences("reward_model", cfg), cfg.heldout, recipe.run.seed,
+                                             "reward_model"))
     set_seed(recipe.run.seed)
     config = load_pretrained("reward_model.model", AutoConfig.from_pretrained, base, num_labels=1)
     config.pad_token_id = tokenizer.pad_token_id  # GPT-style classifiers read the last non-pad token
@@ -262,7 +261,11 @@ def _identity(name: str) -> object:
     return out or name
 
 
-def _split(rows: list, heldout: int, seed: int, section: str) -> tuple[list, list]:
+def flatten(groups: list[list]) -> list:
+    return [item for group in groups for item in group]
+
+
+def split(rows: list, heldout: int, seed: int, section: str) -> tuple[list, list]:
     """A seeded shuffle: the first `heldout` rows measure the stage, the rest train it."""
     if len(rows) <= heldout:
         raise RecipeError(f"{section}.dataset has {len(rows)} usable rows, but {section}.heldout={heldout} are "

@@ -18,14 +18,14 @@ from transformers import PrinterCallback, TrainerCallback
 from . import compat
 
 compat.patch_trl_flags()  # before TRL's trainers import (transformers 5.x)
-from trl import (AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead, PPOConfig,  # noqa: E402
-                 PPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer)
+from trl import (AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead, DPOConfig,  # noqa: E402
+                 DPOTrainer, PPOConfig, PPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer)
 from trl.core import entropy_from_logits, masked_mean  # noqa: E402
 
 from . import distributed  # noqa: E402
 from .seq2seq import is_encoder_decoder  # noqa: E402
 from .console import StepDisplay  # noqa: E402
-from .config import SFT, Recipe, RecipeError, RewardModel  # noqa: E402
+from .config import DPO, SFT, Recipe, RecipeError, RewardModel  # noqa: E402
 
 
 def with_value_head(adapted_model) -> AutoModelForCausalLMWithValueHead:
@@ -151,15 +151,15 @@ def ppo_step(trainer: PPOTrainer, queries: list[torch.Tensor], responses: list[t
 
 
 def trainer_state(trainer: PPOTrainer, all_processes: bool = False) -> dict:
-    """A detached copy of everything PPO changes as it trains, to checkpoint or roll back to.
+    """A detached copy of everything PPO (or DPO) changes as it trains, to checkpoint or roll back to.
 
     The trainable parameters (LoRA adapters, value head), the optimizer and any LR scheduler,
-    the KL controller's coefficient and TRL's running reward moments (used by
+    and for PPO the KL controller's coefficient and TRL's running reward moments (used by
     use_score_scaling). The frozen base is not included: it never changes.
     DeepSpeed's optimizer holds only this process's share of the state: all_processes
     gathers every process's share (a list in rank order), for a checkpoint.
     """
-    running = trainer.running
+    running = getattr(trainer, "running", None)  # PPO's reward moments (DPO's bco_pair loss has its own)
     gather = all_processes and _sharded(trainer)  # on the CPU: unpickled, a tensor returns to the device it left
     optimizer = _plain(trainer.optimizer.state_dict(), torch.device("cpu") if gather else None)
     if gather:
@@ -168,8 +168,8 @@ def trainer_state(trainer: PPOTrainer, all_processes: bool = False) -> dict:
         "params": {n: p.detach().clone() for n, p in _policy(trainer).named_parameters() if p.requires_grad},
         "optimizer": optimizer,
         "lr_scheduler": copy.deepcopy(trainer.lr_scheduler.state_dict()) if trainer.lr_scheduler else None,
-        "kl_coef": float(trainer.kl_ctl.value),
-        "running": {k: float(getattr(running, k)) for k in ("mean", "std", "var", "count")},
+        "kl_coef": float(trainer.kl_ctl.value) if hasattr(trainer, "kl_ctl") else None,  # PPO's; DPO has none
+        "running": {k: float(getattr(running, k)) for k in ("mean", "std", "var", "count")} if running else None,
     }
 
 
@@ -190,8 +190,9 @@ def load_trainer_state(trainer: PPOTrainer, state: dict) -> None:
     trainer.optimizer.load_state_dict(optimizer)
     if trainer.lr_scheduler is not None and state["lr_scheduler"] is not None:
         trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])
-    trainer.kl_ctl.value = state["kl_coef"]
-    for key, value in state["running"].items():
+    if state["kl_coef"] is not None:
+        trainer.kl_ctl.value = state["kl_coef"]
+    for key, value in (state["running"] or {}).items():
         setattr(trainer.running, key, value)
 
 
@@ -334,3 +335,107 @@ def train_reward_model(model, tokenizer, pairs: list[tuple[str, str]], cfg: Rewa
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+# ---------------------------------------------------------------------------- DPO
+class _DPOTrainer(DPOTrainer, compat.TokenizerArgument):
+    """TRL 0.11.4's DPOTrainer on today's Trainer, which has methods of three of its names with
+    newer signatures. rlhf_recipes.dpo runs its own loop and calls only the loss; these keep
+    `.train()` working for a project that imports the trainer from make_dpo_trainer."""
+
+    def get_batch_samples(self, *args, **kwargs):
+        if args and isinstance(args[0], torch.nn.Module):  # DPO's: (model, batch) -> generated texts
+            return super().get_batch_samples(*args, **kwargs)
+        return super(DPOTrainer, self).get_batch_samples(*args, **kwargs)  # the Trainer's: the next batches
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return super().compute_loss(model, inputs, return_outputs=return_outputs)
+
+    def log(self, logs: dict, start_time=None) -> None:  # DPO's merges its stored metrics, then the Trainer's logs
+        split = "train" if "loss" in logs else "eval"
+        for key, values in self._stored_metrics.pop(split, {}).items():
+            logs[key] = torch.tensor(values).mean().item()
+        super(DPOTrainer, self).log(logs, start_time)
+
+
+def make_dpo_trainer(cfg: DPO, model, tokenizer, train: list[tuple[str, str, str]], heldout: list[tuple[str, str, str]],
+                     steps: int, seed: int, work_dir: Path) -> DPOTrainer:
+    """TRL's DPOTrainer for a PEFT `model` (the reference is `model` with its adapters off), the
+    section passed through, its triples (prompt, chosen, rejected) tokenized by TRL, and an
+    optimizer and schedule for `steps` updates.
+
+    TRL prepends the tokenizer's BOS to every prompt; a tokenizer that adds none itself (GPT-2's)
+    samples the PPO and evaluation prompts without it, so it is taken off again here.
+    """
+    from datasets import Dataset
+
+    from .data import no_progress_bars
+
+    def dataset(rows):
+        return Dataset.from_dict({"prompt": [r[0] for r in rows], "chosen": [cfg.separator + r[1] for r in rows],
+                                  "rejected": [cfg.separator + r[2] for r in rows]})
+
+    args = DPOConfig(output_dir=str(work_dir), beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+                     rpo_alpha=cfg.rpo_alpha, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                     truncation_mode="keep_end", learning_rate=cfg.learning_rate, max_steps=steps,
+                     per_device_train_batch_size=cfg.batch_size // cfg.gradient_accumulation_steps,
+                     gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_grad_norm=cfg.max_grad_norm or 0.0,
+                     lr_scheduler_type=cfg.lr_scheduler, **compat.warmup(cfg.warmup_ratio), weight_decay=0.0,
+                     seed=seed, save_strategy="no", report_to="none", disable_tqdm=True, remove_unused_columns=False,
+                     dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), precompute_ref_log_probs=False,
+                     disable_dropout=True, generate_during_eval=False)
+    with no_progress_bars():
+        trainer = _DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset(train),
+                              eval_dataset=dataset(heldout) if heldout else None, tokenizer=tokenizer)
+        bos = tokenizer.bos_token_id
+        if bos is not None and tokenizer("a")["input_ids"][:1] != [bos]:
+            trainer.train_dataset = trainer.train_dataset.map(_drop_first_token, fn_kwargs={"bos": bos})
+            if trainer.eval_dataset is not None:
+                trainer.eval_dataset = trainer.eval_dataset.map(_drop_first_token, fn_kwargs={"bos": bos})
+    trainer.create_optimizer_and_scheduler(num_training_steps=steps)
+    return trainer
+
+
+def _drop_first_token(row: dict, bos: int) -> dict:
+    """A tokenized DPO row without the BOS TRL put before its prompt (in every column it reaches)."""
+    if not row["prompt_input_ids"] or row["prompt_input_ids"][0] != bos:
+        return row
+    return {k: v[1:] if k.endswith(("input_ids", "attention_mask", "labels")) else v for k, v in row.items()}
+
+
+def dpo_batch_loss(trainer: DPOTrainer, rows: list[dict], train: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+    """The DPO loss of tokenized rows (of trainer.train_dataset or eval_dataset), policy against the
+    adapters-off reference, and TRL's metrics under its own keys (rewards/chosen, rewards/margins,
+    rewards/accuracies, logps/chosen, ...); with train=False, without a graph."""
+    batch = trainer.data_collator(rows)
+    with contextlib.nullcontext() if train else torch.no_grad():
+        loss, metrics = trainer.get_batch_loss_metrics(trainer.model, batch, train_eval="train")
+    return loss, {k: float(v) for k, v in metrics.items()}
+
+
+def dpo_update(trainer: DPOTrainer, rows: list[dict]) -> dict[str, float] | None:
+    """One optimizer step of DPO on `rows`, in dpo.gradient_accumulation_steps passes; returns the
+    loss and TRL's metrics (averaged over the passes), or None, with nothing changed, when a
+    loss or the gradient norm is not finite."""
+    passes = trainer.args.gradient_accumulation_steps
+    size = -(-len(rows) // passes)
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    totals: dict[str, float] = {}
+    for start in range(0, len(rows), size):
+        loss, metrics = dpo_batch_loss(trainer, rows[start:start + size])
+        if not torch.isfinite(loss):
+            trainer.optimizer.zero_grad(set_to_none=True)
+            return None
+        (loss / passes).backward()
+        for k, v in {"loss": float(loss.detach()), **metrics}.items():
+            totals[k] = totals.get(k, 0.0) + v / passes
+    clip = trainer.args.max_grad_norm or float("inf")
+    norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    if not np.isfinite(norm):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        return None
+    rate = trainer.lr_scheduler.get_last_lr()[0]  # this step's
+    trainer.optimizer.step()
+    trainer.lr_scheduler.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return {**totals, "grad_norm": norm, "learning_rate": rate}

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from rlhf_recipes import PPO, Recipe, load_recipe, shipped_recipes
+from rlhf_recipes import DPO, PPO, Recipe, load_recipe, shipped_recipes
 from rlhf_recipes.run import main
 
 NAMES = shipped_recipes()
@@ -21,18 +21,23 @@ def test_the_four_recipes_ship():
 def test_recipe_loads_and_validates(name):
     recipe = load_recipe(name)
     assert isinstance(recipe, Recipe) and recipe.name == name
-    assert recipe.ppo.adap_kl_ctrl is True and recipe.eval.num_prompts >= 256
+    assert (recipe.ppo is None or recipe.ppo.adap_kl_ctrl is True) and recipe.eval.num_prompts >= 256
     module = importlib.import_module(f"rlhf_recipes.recipes.{name}")
     assert module.recipe == recipe
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_recipe_sets_every_ppo_hyperparameter_it_must(name):
-    """The keywords written in the PPO(...) call, read from the source, cover every required field."""
+    """The keywords written in the PPO(...) call, read from the source, cover every required field;
+    a DPO(...) call writes every hyperparameter out (all but where its data comes from)."""
     source = inspect.getsource(importlib.import_module(f"rlhf_recipes.recipes.{name}"))
-    calls = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "PPO"]
+    method = PPO if load_recipe(name).ppo is not None else DPO
+    calls = [n for n in ast.walk(ast.parse(source))
+             if isinstance(n, ast.Call) and getattr(n.func, "id", "") == method.__name__]
     written = {kw.arg for kw in calls[0].keywords}
-    required = {f.name for f in dataclasses.fields(PPO) if f.default is dataclasses.MISSING}
+    data = {"split", "subset", "prompt_column", "chosen_column", "rejected_column", "ranking_column", "heldout"}
+    required = {f.name for f in dataclasses.fields(method) if f.default is dataclasses.MISSING or
+                (method is DPO and f.name not in data)}
     assert required <= written
     lines = len(source.strip().splitlines())
     assert lines <= 60, f"{name} is {lines} lines; keep recipes short"
@@ -40,9 +45,10 @@ def test_recipe_sets_every_ppo_hyperparameter_it_must(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_dry_run_prints_the_resolved_recipe(name, capsys):
-    assert main([name, "ppo.learning_rate=2e-5", "--dry-run"]) == 0
+    method = "ppo" if load_recipe(name).ppo is not None else "dpo"
+    assert main([name, f"{method}.learning_rate=2e-5", "--dry-run"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["name"] == name and printed["ppo"]["learning_rate"] == 2e-5
+    assert printed["name"] == name and printed[method]["learning_rate"] == 2e-5
 
 
 def test_recipe_file_by_path(capsys):

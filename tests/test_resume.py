@@ -99,7 +99,7 @@ def test_a_finished_run_resumes_to_its_end_and_refuses_fewer_steps(tiny_dir, tmp
     assert main(argv + ["--resume"]) == 0  # nothing left to train: save and evaluate again
     assert read_metrics(out) == before and json.loads((out / "eval.json").read_text())["after"]["step"] == 3
     assert main(args_for(tiny_dir, out, "run.steps=2", "run.checkpoint_every=2", "--resume")) == 2
-    assert "is at step 3, past run.steps=2" in capsys.readouterr().err
+    assert "is at step 3, past the 2 steps asked for now" in capsys.readouterr().err
 
 
 def test_the_resume_command_drops_overwrite():

@@ -1,0 +1,301 @@
+"""DPO: the section, preference data (pairs, nested columns, rankings), TRL's tokenization
+without GPT-2's stray BOS, the loss against the adapters-off reference, and whole runs
+through the CLI that are evaluated, resumed, stopped and re-evaluated as PPO runs are."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf_recipes import DPO, RecipeError, apply_overrides, checkpoint, load_recipe
+from rlhf_recipes.config_stages import RewardModel
+from rlhf_recipes.data import load_preferences
+from rlhf_recipes.rundir import read_metrics
+from rlhf_recipes.run import main
+
+TRL_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+            "logps/rejected", "grad_norm", "learning_rate"}
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def prefs(tiny_dir, tmp_path_factory):
+    """Preference files from the tiny review corpus: a prompt (a review's first two words),
+    a positive review's rest over a negative one's; the same nested; and as rankings of three."""
+    root = tmp_path_factory.mktemp("prefs")
+    rows = [json.loads(line) for line in (tiny_dir / "imdb.jsonl").read_text().splitlines()]
+    pos = [r["text"].split() for r in rows if r["label"] == 1]
+    neg = [r["text"].split() for r in rows if r["label"] == 0]
+    pairs = [{"prompt": " ".join(p[:2]), "chosen": " ".join(p[2:12]), "rejected": " ".join(n[2:12])}
+             for p, n in zip(pos, neg) if len(p) > 3 and len(n) > 3]
+    _write(root / "pairs.jsonl", pairs)
+    _write(root / "nested.jsonl", [{"pair": {"q": r["prompt"], "good": r["chosen"], "bad": r["rejected"]}}
+                                   for r in pairs])
+    _write(root / "ranked.jsonl", [{"prompt": r["prompt"], "answers": [r["chosen"], "and then", r["rejected"]]}
+                                   for r in pairs])
+    return root
+
+
+def recipe_file(tmp_path, tiny_dir, prefs, slow: bool = False):
+    """A DPO recipe for the tiny GPT-2 (whose tokenizer has a BOS it does not add), scored by the
+    tiny DistilBERT; slow=True sleeps before each update, so a test can stop it mid-run."""
+    path = tmp_path / "tiny_dpo.py"
+    path.write_text(textwrap.dedent(f"""
+        import time
+        from rlhf_recipes import DPO, Eval, Generation, Policy, Prompts, Recipe, Reward, Run
+        from rlhf_recipes import trl_backend
+        if {slow}:
+            _update = trl_backend.dpo_update
+            trl_backend.dpo_update = lambda *a: (time.sleep(0.3), _update(*a))[1]
+        recipe = Recipe(
+            name="tiny_dpo",
+            policy=Policy(model="{tiny_dir / 'gpt2'}", lora_r=4, lora_alpha=8),
+            reward=Reward(model="{tiny_dir / 'distilbert-imdb'}", label="POSITIVE", batch_size=16),
+            prompts=Prompts(dataset="{tiny_dir / 'imdb.jsonl'}", query_min_tokens=2, query_max_tokens=4),
+            generation=Generation(response_min_tokens=4, response_max_tokens=6),
+            dpo=DPO(dataset="{prefs / 'pairs.jsonl'}", separator=" ", beta=0.1, learning_rate=1e-2, epochs=1.0,
+                    batch_size=8, max_length=32, max_prompt_length=8, heldout=16),
+            eval=Eval(num_prompts=16, batch_size=16),
+            run=Run(output_dir="{tmp_path / 'run'}", steps=4, checkpoint_every=2, keep_checkpoints=2),
+        )
+    """))
+    return str(path)
+
+
+# ---------------------------------------------------------------------------- the section
+@pytest.mark.parametrize("change, message", [
+    ({"label_smoothing": 0.1, "loss_type": "hinge"}, "dpo.label_smoothing is ignored by loss_type='hinge'"),
+    ({"max_prompt_length": 64, "max_length": 64}, "dpo.max_prompt_length must be < dpo.max_length (64)"),
+    ({"loss_type": "kto_pair"}, "dpo.loss_type must be one of 'sigmoid', 'hinge', 'ipo'"),
+    ({"beta": 0.0}, "dpo.beta must be > 0"),
+    ({"batch_size": 6, "gradient_accumulation_steps": 4}, "must be a multiple of dpo.gradient_accumulation_steps"),
+])
+def test_the_dpo_section_checks_its_fields(change, message):
+    base = dict(dataset="d.jsonl", learning_rate=1e-4, epochs=1.0, batch_size=8, beta=0.1)
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        DPO(**{**base, **change})
+
+
+def test_a_recipe_has_ppo_or_dpo_and_dpo_fields_override_like_any_other():
+    import dataclasses
+
+    dpo_recipe = load_recipe("quickstart_dpo")
+    ppo = load_recipe("quickstart").ppo
+    with pytest.raises(RecipeError, match="give exactly one, not both"):
+        dataclasses.replace(dpo_recipe, ppo=ppo)
+    with pytest.raises(RecipeError, match="give exactly one"):
+        dataclasses.replace(dpo_recipe, dpo=None)
+    with pytest.raises(RecipeError, match="run.steps is required with PPO"):
+        dataclasses.replace(dpo_recipe, dpo=None, ppo=ppo)
+    changed = apply_overrides(dpo_recipe, ["dpo.beta=0.5", "dpo.loss_type=ipo", "dpo.rpo_alpha=1"])
+    assert (changed.dpo.beta, changed.dpo.loss_type, changed.dpo.rpo_alpha) == (0.5, "ipo", 1.0)
+    with pytest.raises(RecipeError, match="unknown override key 'dpo.betta'; did you mean dpo.beta"):
+        apply_overrides(dpo_recipe, ["dpo.betta=1"])
+    with pytest.raises(RecipeError, match="has no ppo stage"):
+        apply_overrides(dpo_recipe, ["ppo.target=3"])
+
+
+# ---------------------------------------------------------------------------- data
+def test_preferences_come_as_pairs_nested_columns_or_rankings(prefs):
+    cfg = DPO(dataset=str(prefs / "pairs.jsonl"), learning_rate=1e-4, epochs=1.0, batch_size=8, beta=0.1)
+    pairs = load_preferences("dpo", cfg, cfg.prompt_column)
+    assert all(len(g) == 1 and len(g[0]) == 3 for g in pairs)
+    nested = DPO(dataset=str(prefs / "nested.jsonl"), learning_rate=1e-4, epochs=1.0, batch_size=8, beta=0.1,
+                 prompt_column="pair.q", chosen_column="pair.good", rejected_column="pair.bad")
+    assert load_preferences("dpo", nested, nested.prompt_column) == pairs
+    ranked = DPO(dataset=str(prefs / "ranked.jsonl"), learning_rate=1e-4, epochs=1.0, batch_size=8, beta=0.1,
+                 ranking_column="answers")
+    groups = load_preferences("dpo", ranked, ranked.prompt_column)
+    (prompt, best, worst), = pairs[0]
+    assert groups[0] == [(prompt, best, "and then"), (prompt, best, worst), (prompt, "and then", worst)]  # K(K-1)/2
+    # the reward-model stage takes rankings too, as (better, worse) texts
+    rm = RewardModel(dataset=str(prefs / "ranked.jsonl"), learning_rate=1e-3, epochs=1.0, batch_size=8,
+                     ranking_column="answers")
+    assert load_preferences("reward_model", rm)[0] == [(best, "and then"), (best, worst), ("and then", worst)]
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"chosen_column": "good"}, "dpo.chosen_column 'good' is not in"),
+    ({"ranking_column": "prompt"}, "dpo.ranking_column 'prompt' holds str, not lists of texts"),
+    ({"dataset": "EMPTY"}, "is empty; give a file with data in it"),
+])
+def test_bad_preference_columns_and_empty_data_get_one_line_errors(prefs, fields, message):
+    (prefs / "empty.jsonl").write_text("")
+    fields = {k: str(prefs / "empty.jsonl") if v == "EMPTY" else v for k, v in fields.items()}
+    cfg = DPO(**{"dataset": str(prefs / "pairs.jsonl"), "learning_rate": 1e-4, "epochs": 1.0, "batch_size": 8,
+                 "beta": 0.1, **fields})
+    with pytest.raises(RecipeError, match=message) as err:
+        load_preferences("dpo", cfg, cfg.prompt_column)
+    assert "\n" not in str(err.value)
+
+
+def test_trl_tokenizes_the_pairs_without_a_bos_the_tokenizer_does_not_add(tiny_dir, tmp_path):
+    from rlhf_recipes import trl_backend
+    from rlhf_recipes.config import Policy
+    from rlhf_recipes.policy import build_policy, load_tokenizer
+
+    cfg = DPO(dataset="unused", learning_rate=1e-3, epochs=1.0, batch_size=2, beta=0.1, separator=" ",
+              max_length=32, max_prompt_length=8)
+    rows = [("the movie was", "great fun", "a bore"), ("i think", "it works", "it fails")]
+    for arch, adds_bos in (("gpt2", False), ("llama", True)):
+        tokenizer = load_tokenizer("policy.model", str(tiny_dir / arch))
+        policy = build_policy(Policy(model=str(tiny_dir / arch), lora_r=4, lora_alpha=8), torch.device("cpu"))
+        trainer = trl_backend.make_dpo_trainer(cfg, policy.pretrained_model, tokenizer, rows, rows[:1], 2, 0,
+                                               tmp_path / arch)
+        row = trainer.train_dataset[0]
+        as_sampled = tokenizer("the movie was")["input_ids"]  # how PPO and the evaluation see the prompt
+        assert row["prompt_input_ids"] == as_sampled and (as_sampled[0] == tokenizer.bos_token_id) == adds_bos
+        assert row["chosen_input_ids"][:len(as_sampled)] == as_sampled
+        assert row["chosen_input_ids"][-1] == tokenizer.eos_token_id  # answers end, so the policy learns to stop
+        assert row["chosen_labels"][:len(as_sampled)] == [-100] * len(as_sampled)
+        # adapters at zero: the policy is its reference, so every DPO reward is exactly 0
+        loss, metrics = trl_backend.dpo_batch_loss(trainer, [trainer.train_dataset[i] for i in range(2)], train=False)
+        assert metrics["rewards/chosen"] == 0 and metrics["rewards/margins"] == 0
+        assert float(loss) == pytest.approx(math.log(2))
+
+
+def test_the_shimmed_trainer_also_trains_with_its_own_train_method(tiny_dir, tmp_path):
+    """For projects that import it: TRL's DPOTrainer.train() on today's Trainer, its metrics logged."""
+    from rlhf_recipes import trl_backend
+    from rlhf_recipes.config import Policy
+    from rlhf_recipes.policy import build_policy, load_tokenizer
+
+    cfg = DPO(dataset="unused", learning_rate=1e-2, epochs=1.0, batch_size=2, beta=0.1, separator=" ",
+              max_length=32, max_prompt_length=8)
+    rows = [("the movie was", "great fun", "a bore"), ("i think", "it works", "it fails")] * 2
+    tokenizer = load_tokenizer("policy.model", str(tiny_dir / "gpt2"))
+    policy = build_policy(Policy(model=str(tiny_dir / "gpt2"), lora_r=4, lora_alpha=8), torch.device("cpu"))
+    trainer = trl_backend.make_dpo_trainer(cfg, policy.pretrained_model, tokenizer, rows, rows[:2], 2, 0, tmp_path)
+    trainer.args.logging_steps = 1
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 2 and all("rewards/margins" in h and "rewards/accuracies" in h for h in logged)
+    assert "eval_rewards/margins" in trainer.evaluate()
+
+
+# ---------------------------------------------------------------------------- whole runs
+def test_a_dpo_run_is_evaluated_and_reported_as_a_ppo_run_is(tiny_dir, prefs, tmp_path, capsys):
+    from rlhf_recipes.evaluation import main as evaluate_main
+
+    assert main([recipe_file(tmp_path, tiny_dir, prefs)]) == 0
+    out = tmp_path / "run"
+    shown = capsys.readouterr().out
+    assert "DPO on" in shown and "held-out evaluation: reward" in shown
+    result = json.loads((out / "eval.json").read_text())
+    before, after = result["before"], result["after"]
+    assert before["policy"]["kl"]["mean"] == 0 and after["policy"]["kl"]["mean"] > 0  # the same KL as PPO's
+    assert before["heldout_pairs"]["rewards/margins"] == 0 and after["heldout_pairs"]["rewards/margins"] > 0
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and TRL_KEYS <= set(records[0])
+    assert records[-1]["rewards/margins"] > records[0]["rewards/margins"]
+    report = (out / "report.md").read_text()
+    assert "DPO's own metrics on its held-out preference pairs" in report and (out / "training.png").exists()
+    assert "trained with DPO" in (out / "model" / "README.md").read_text()
+    # re-evaluated from the saved run alone: the same samples, the same figures
+    assert evaluate_main([str(out)]) == 0
+    again = json.loads((out / "eval.json").read_text())["after"]
+    assert again["policy"]["reward"] == after["policy"]["reward"] and again["policy"]["kl"] == after["policy"]["kl"]
+
+
+def test_non_finite_dpo_losses_are_skipped_and_stop_the_run_with_a_checkpoint(tiny_dir, prefs, tmp_path,
+                                                                              monkeypatch, capsys):
+    from rlhf_recipes import trl_backend
+
+    real, calls = trl_backend.dpo_batch_loss, []
+
+    def breaking(trainer, rows, train=True):
+        loss, metrics = real(trainer, rows, train)
+        if train:
+            calls.append(1)
+            if len(calls) >= 2:  # every update after the first
+                loss = loss * float("nan")
+        return loss, metrics
+
+    monkeypatch.setattr(trl_backend, "dpo_batch_loss", breaking)
+    path = recipe_file(tmp_path, tiny_dir, prefs)
+    assert main([path, "run.steps=10", "run.max_bad_batches=2", "run.checkpoint_every=1",
+                 "run.keep_checkpoints=10"]) == 1
+    err = capsys.readouterr()
+    assert "2 batches in a row had non-finite rewards or losses (to step 3)" in err.err and "dpo.learning_rate" in err.err
+    assert err.out.count("non-finite loss or gradient, batch skipped") == 2
+    saved = checkpoint.latest(tmp_path / "run")
+    assert saved.step == 3 and saved.state["skipped"] == 2 and [r["step"] for r in read_metrics(tmp_path / "run")] == [1]
+    step1 = load_file(tmp_path / "run" / "checkpoints" / "step-00000001" / "tensors.safetensors")
+    step3 = load_file(saved.path / "tensors.safetensors")
+    params = [k for k in step1 if k.startswith("trainer/params/")]
+    assert params and all(torch.equal(step1[k], step3[k]) for k in params)  # the skipped updates changed nothing
+
+
+def _start(argv):
+    return subprocess.Popen([sys.executable, "-m", "rlhf_recipes.run", *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def _wait_for_steps(proc, out, n):
+    import time
+
+    deadline = time.monotonic() + 240
+    while len(read_metrics(out)) < n:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_a_dpo_run_resumes_after_sigkill_to_the_same_result_and_stops_cleanly_on_sigterm(tiny_dir, prefs, tmp_path):
+    whole_dir, cut_dir = tmp_path / "whole", tmp_path / "cut"
+    whole_dir.mkdir(), cut_dir.mkdir()
+    assert main([recipe_file(whole_dir, tiny_dir, prefs), "run.steps=6"]) == 0
+
+    path = recipe_file(cut_dir, tiny_dir, prefs, slow=True)
+    out = cut_dir / "run"
+    proc = _start([path, "run.steps=6"])
+    _wait_for_steps(proc, out, 3)  # past the step-2 checkpoint
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL
+    proc = _start([path, "run.steps=6", "--resume"])  # resumed, then stopped again, by SIGTERM this time
+    _wait_for_steps(proc, out, 4)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and err.strip().splitlines()[-1].endswith("--resume"), err
+    assert checkpoint.latest(out).step == len(read_metrics(out)) < 6
+    assert main([path, "run.steps=6", "--resume"]) == 0
+
+    def learned(records):
+        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records]
+
+    assert learned(read_metrics(out)) == learned(read_metrics(whole_dir / "run"))  # exactly
+    a, b = (load_file(d / "run" / "model" / "adapter_model.safetensors") for d in (whole_dir, cut_dir))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    after = [json.loads((d / "run" / "eval.json").read_text())["after"] for d in (whole_dir, cut_dir)]
+    assert after[0]["policy"] == after[1]["policy"] and after[0]["heldout_pairs"] == after[1]["heldout_pairs"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+def test_dpo_trains_a_lora_policy_on_a_quantized_base(tiny_dir, prefs, tmp_path, quantization):
+    assert main([recipe_file(tmp_path, tiny_dir, prefs), f"policy.quantization={quantization}", "run.steps=2"]) == 0
+    result = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert result["before"]["policy"]["kl"]["mean"] == 0 and result["after"]["heldout_pairs"]["rewards/margins"] > 0
+
+
+@pytest.mark.slow
+def test_the_dpo_quickstart_learns_on_the_ppo_quickstarts_scale(tmp_path):
+    out = tmp_path / "quickstart_dpo"
+    assert main(["quickstart_dpo", "sft.epochs=2", "reward_model.epochs=1", "eval.num_prompts=64",
+                 "eval.batch_size=64", "eval.every=0", f"run.output_dir={out}"]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    before, after = result["before"], result["after"]
+    assert after["reward_improvement"]["ci95"][0] > 0
+    assert after["policy"]["judged"]["mean"] >= before["policy"]["judged"]["mean"] + 0.3
+    assert 0 < after["policy"]["kl"]["mean"] < 20
+    assert after["heldout_pairs"]["rewards/accuracies"] >= 0.8
