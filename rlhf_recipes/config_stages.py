@@ -124,7 +124,9 @@ class DPO(Section):
     rpo_alpha: Optional[float] = None
     """Weight of an SFT term on the chosen answers (RPO); none leaves it out."""
     gradient_accumulation_steps: int = 1
-    """Split each batch into this many passes, for memory; the update is the same."""
+    """Split each batch into this many passes, for memory. The update is the same for the losses
+    that treat pairs one by one; aot and aot_pair sort, bco_pair averages, and rpo_alpha's SFT
+    term takes a token mean within each pass."""
     max_grad_norm: Optional[float] = 1.0
     lr_scheduler: Literal["constant", "linear", "cosine"] = "linear"
     warmup_ratio: float = 0.1

@@ -50,16 +50,19 @@ def total_steps(cfg: DPO, pairs: int, cap: int | None) -> int:
 
 
 def pair_metrics(trainer, batch_size: int) -> dict[str, float]:
-    """TRL's DPO metrics and loss on the held-out pairs (trainer.eval_dataset), averaged over pairs."""
+    """TRL's DPO metrics and loss on the held-out pairs (trainer.eval_dataset), averaged over pairs,
+    `batch_size` at a time (a training pass's: scoring keeps whole logits, as training does)."""
     rows = trainer.eval_dataset
     if rows is None:
         return {}
+    moments = trl_backend.running_moments(trainer)  # measuring must not move bco_pair's moments
     totals: dict[str, float] = {}
     for start in range(0, len(rows), batch_size):
         chunk = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
         loss, metrics = trl_backend.dpo_batch_loss(trainer, chunk, train=False)
         for k, v in {"loss": float(loss), **metrics}.items():
             totals[k] = totals.get(k, 0.0) + v * len(chunk) / len(rows)
+    trl_backend.running_moments(trainer, moments)
     return totals
 
 
@@ -92,8 +95,9 @@ def train_dpo(recipe: Recipe, resume: bool = False) -> TrainResult:
                                            steps, run.seed, work)
 
     def evaluate_now(step: int, check: bool = False) -> dict:
-        record = started.held_out(step, check)  # the recipe's reward and KL of samples, as for PPO
-        record["heldout_pairs"] = pair_metrics(trainer, recipe.eval.batch_size)  # and DPO's own, on held-out pairs
+        record = started.held_out(step, check)  # the recipe's reward and KL of samples, as for PPO,
+        # and DPO's own metrics on its held-out pairs
+        record["heldout_pairs"] = pair_metrics(trainer, cfg.batch_size // cfg.gradient_accumulation_steps)
         return record
 
     evaluation, records, start, skipped, bad_in_row = start_records(

@@ -87,3 +87,25 @@ def win_rate(policy: Sequence[float], reference: Sequence[float]) -> dict:
     """
     wins = [1.0 if p > r else 0.5 if p == r else 0.0 for p, r in zip(policy, reference)]
     return summarize(wins)
+
+
+def best_of_n_kl(n: int) -> float:
+    """The analytic KL(best-of-n || reference) of best-of-n sampling: log n - (n - 1) / n nats
+    (Stiennon et al. 2020; an upper bound, reached when the reward has no ties)."""
+    return math.log(n) - (n - 1) / n
+
+
+def expected_best_of(rewards: np.ndarray, n: int, values: np.ndarray | None = None) -> np.ndarray:
+    """Per prompt, the expected `values` (default: the reward) of the highest-reward sample among n
+    drawn without replacement from the m samples there are: the unbiased estimate from all of them.
+
+    rewards, values (P, m) -> (P,). Sorted by reward, the i-th smallest (1-based) is the best of a
+    random n-subset with probability C(i-1, n-1) / C(m, n).
+    """
+    p, m = rewards.shape
+    if not 1 <= n <= m:
+        raise ValueError(f"best-of-{n} needs 1 <= n <= {m} samples per prompt")
+    order = np.argsort(rewards, axis=1, kind="stable")
+    ranked = np.take_along_axis(rewards if values is None else values, order, axis=1)
+    weights = np.array([math.comb(i - 1, n - 1) for i in range(1, m + 1)], dtype=float) / math.comb(m, n)
+    return ranked @ weights

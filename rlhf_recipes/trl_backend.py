@@ -351,6 +351,12 @@ class _DPOTrainer(DPOTrainer, compat.TokenizerArgument):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         return super().compute_loss(model, inputs, return_outputs=return_outputs)
 
+    @staticmethod
+    def get_batch_logps(logits, *args, **kwargs):
+        # TRL sums token log-probs in the logits' dtype: in bfloat16 a sequence's log-prob is
+        # rounded to whole nats at real lengths, and small margins vanish
+        return DPOTrainer.get_batch_logps(logits.float(), *args, **kwargs)
+
     def log(self, logs: dict, start_time=None) -> None:  # DPO's merges its stored metrics, then the Trainer's logs
         split = "train" if "loss" in logs else "eval"
         for key, values in self._stored_metrics.pop(split, {}).items():
@@ -372,8 +378,13 @@ def make_dpo_trainer(cfg: DPO, model, tokenizer, train: list[tuple[str, str, str
     from .data import no_progress_bars
 
     def dataset(rows):
-        return Dataset.from_dict({"prompt": [r[0] for r in rows], "chosen": [cfg.separator + r[1] for r in rows],
-                                  "rejected": [cfg.separator + r[2] for r in rows]})
+        # a prompt's trailing whitespace goes to the answers: TRL splits prompt from answer at the
+        # prompt's own token count, and a space that merges into the answer's first token
+        # ("the " + "movie") would take a token out of both
+        prompts = [r[0].rstrip() for r in rows]
+        lead = [r[0][len(p):] + cfg.separator for r, p in zip(rows, prompts)]
+        return Dataset.from_dict({"prompt": prompts, "chosen": [w + r[1] for w, r in zip(lead, rows)],
+                                  "rejected": [w + r[2] for w, r in zip(lead, rows)]})
 
     args = DPOConfig(output_dir=str(work_dir), beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
                      rpo_alpha=cfg.rpo_alpha, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
@@ -385,22 +396,37 @@ def make_dpo_trainer(cfg: DPO, model, tokenizer, train: list[tuple[str, str, str
                      dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), precompute_ref_log_probs=False,
                      disable_dropout=True, generate_during_eval=False)
     with no_progress_bars():
-        trainer = _DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset(train),
-                              eval_dataset=dataset(heldout) if heldout else None, tokenizer=tokenizer)
+        try:
+            trainer = _DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset(train),
+                                  eval_dataset=dataset(heldout) if heldout else None, tokenizer=tokenizer)
+        except ValueError as err:  # TRL's tokenization refusing a row
+            raise RecipeError(f"dpo.dataset {cfg.dataset!r}: {str(err).splitlines()[0]}") from None
         bos = tokenizer.bos_token_id
-        if bos is not None and tokenizer("a")["input_ids"][:1] != [bos]:
-            trainer.train_dataset = trainer.train_dataset.map(_drop_first_token, fn_kwargs={"bos": bos})
+        adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+        if bos is not None:
+            fix = {"bos": bos, "adds_bos": adds_bos}
+            trainer.train_dataset = trainer.train_dataset.map(_bos_as_sampled, fn_kwargs=fix)
             if trainer.eval_dataset is not None:
-                trainer.eval_dataset = trainer.eval_dataset.map(_drop_first_token, fn_kwargs={"bos": bos})
+                trainer.eval_dataset = trainer.eval_dataset.map(_bos_as_sampled, fn_kwargs=fix)
     trainer.create_optimizer_and_scheduler(num_training_steps=steps)
     return trainer
 
 
-def _drop_first_token(row: dict, bos: int) -> dict:
-    """A tokenized DPO row without the BOS TRL put before its prompt (in every column it reaches)."""
-    if not row["prompt_input_ids"] or row["prompt_input_ids"][0] != bos:
-        return row
-    return {k: v[1:] if k.endswith(("input_ids", "attention_mask", "labels")) else v for k, v in row.items()}
+def _bos_as_sampled(row: dict, bos: int, adds_bos: bool) -> dict:
+    """A tokenized DPO row that starts as the tokenizer starts a prompt: without the BOS TRL puts
+    before a GPT-2 prompt (its tokenizer adds none), or with the BOS a Llama prompt cut to
+    max_prompt_length from the left lost. Each column on its own: TRL may cut only one of them."""
+    row = dict(row)
+    for side in ("prompt", "chosen", "rejected"):
+        ids = f"{side}_input_ids"
+        starts = bool(row[ids]) and row[ids][0] == bos
+        if starts and not adds_bos:
+            for key in (ids, f"{side}_attention_mask", f"{side}_labels"):
+                if key in row:
+                    row[key] = row[key][1:]
+        elif adds_bos and not starts and row[ids]:
+            row[ids] = [bos, *row[ids][1:]]  # labels are -100 there: a prompt token
+    return row
 
 
 def dpo_batch_loss(trainer: DPOTrainer, rows: list[dict], train: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
@@ -421,10 +447,12 @@ def dpo_update(trainer: DPOTrainer, rows: list[dict]) -> dict[str, float] | None
     size = -(-len(rows) // passes)
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     totals: dict[str, float] = {}
+    moments = running_moments(trainer)  # bco_pair's, which each loss call moves
     for start in range(0, len(rows), size):
         loss, metrics = dpo_batch_loss(trainer, rows[start:start + size])
         if not torch.isfinite(loss):
             trainer.optimizer.zero_grad(set_to_none=True)
+            running_moments(trainer, moments)
             return None
         (loss / passes).backward()
         for k, v in {"loss": float(loss.detach()), **metrics}.items():
@@ -433,9 +461,22 @@ def dpo_update(trainer: DPOTrainer, rows: list[dict]) -> dict[str, float] | None
     norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
     if not np.isfinite(norm):
         trainer.optimizer.zero_grad(set_to_none=True)
+        running_moments(trainer, moments)
         return None
     rate = trainer.lr_scheduler.get_last_lr()[0]  # this step's
     trainer.optimizer.step()
     trainer.lr_scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     return {**totals, "grad_norm": norm, "learning_rate": rate}
+
+
+def running_moments(trainer, restore: dict | None = None) -> dict | None:
+    """The running reward moments of TRL's bco_pair loss (None for the other losses), or, given
+    `restore`, put them back: held-out scoring and a skipped batch must not move them."""
+    running = getattr(trainer, "running", None)
+    if running is None:
+        return None
+    if restore is not None:
+        for key, value in restore.items():
+            setattr(running, key, value)
+    return {k: getattr(running, k) for k in ("mean", "std", "var", "count")}

@@ -1,6 +1,7 @@
 """DPO: the section, preference data (pairs, nested columns, rankings), TRL's tokenization
 without GPT-2's stray BOS, the loss against the adapters-off reference, and whole runs
 through the CLI that are evaluated, resumed, stopped and re-evaluated as PPO runs are."""
+import dataclasses
 import json
 import math
 import os
@@ -162,6 +163,39 @@ def test_trl_tokenizes_the_pairs_without_a_bos_the_tokenizer_does_not_add(tiny_d
         loss, metrics = trl_backend.dpo_batch_loss(trainer, [trainer.train_dataset[i] for i in range(2)], train=False)
         assert metrics["rewards/chosen"] == 0 and metrics["rewards/margins"] == 0
         assert float(loss) == pytest.approx(math.log(2))
+        # a prompt longer than max_prompt_length is cut from the left: a Llama prompt keeps its BOS;
+        # a prompt's trailing space merging into the answer's first token loses no token
+        long = [(" ".join(["the movie was"] * 10), "great fun", "a bore"), ("the ", "movie was great", "a bore")]
+        trainer = trl_backend.make_dpo_trainer(dataclasses.replace(cfg, separator=""), policy.pretrained_model,
+                                               tokenizer, long, [], 2, 0, tmp_path / f"{arch}-long")
+        cut, spaced = trainer.train_dataset[0], trainer.train_dataset[1]
+        assert (cut["chosen_input_ids"][0] == tokenizer.bos_token_id) == adds_bos
+        assert len(cut["prompt_input_ids"]) <= 8
+        answer = [t for t, label in zip(spaced["chosen_input_ids"], spaced["chosen_labels"]) if label != -100]
+        assert tokenizer.decode(answer, skip_special_tokens=True).strip() == "movie was great"
+
+
+def test_sequence_log_probs_are_summed_in_float32_and_held_out_scoring_leaves_bco_moments_alone(tiny_dir, tmp_path):
+    from rlhf_recipes import trl_backend
+    from rlhf_recipes.config import Policy
+    from rlhf_recipes.dpo import pair_metrics
+    from rlhf_recipes.policy import build_policy, load_tokenizer
+
+    logits = torch.randn(2, 40, 50).to(torch.bfloat16)
+    labels = torch.randint(0, 50, (2, 40))
+    logps, _ = trl_backend._DPOTrainer.get_batch_logps(logits, labels)
+    assert logps.dtype == torch.float32  # TRL's own would be bfloat16, rounded to whole nats here
+    cfg = DPO(dataset="unused", learning_rate=1e-2, epochs=1.0, batch_size=2, beta=0.1, separator=" ",
+              loss_type="bco_pair", max_length=32, max_prompt_length=8)
+    rows = [("the movie was", "great fun", "a bore"), ("i think", "it works", "it fails")]
+    tokenizer = load_tokenizer("policy.model", str(tiny_dir / "gpt2"))
+    policy = build_policy(Policy(model=str(tiny_dir / "gpt2"), lora_r=4, lora_alpha=8), torch.device("cpu"))
+    trainer = trl_backend.make_dpo_trainer(cfg, policy.pretrained_model, tokenizer, rows, rows, 2, 0, tmp_path)
+    before = trl_backend.running_moments(trainer)
+    pair_metrics(trainer, 2)
+    assert trl_backend.running_moments(trainer) == before
+    assert trl_backend.dpo_update(trainer, [trainer.train_dataset[i] for i in range(2)]) is not None
+    assert trl_backend.running_moments(trainer)["count"] > before["count"]  # training does move them
 
 
 def test_the_shimmed_trainer_also_trains_with_its_own_train_method(tiny_dir, tmp_path):
