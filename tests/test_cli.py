@@ -1,5 +1,5 @@
 """End to end through the real CLI: each shipped recipe, pointed at tiny local models, trains
-two PPO steps in fp32, 8-bit and 4-bit; an existing run is never clobbered."""
+two PPO (or DPO) steps in fp32, 8-bit and 4-bit; an existing run is never clobbered."""
 import json
 import os
 import subprocess
@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import SMALL, local_overrides
-from rlhf_recipes import shipped_recipes
+from rlhf_recipes import load_recipe, shipped_recipes
 from rlhf_recipes.rundir import read_metrics
 from rlhf_recipes.run import main
 
@@ -20,9 +20,30 @@ TRL_KEYS = {"objective/kl", "objective/kl_coef", "objective/entropy", "ppo/loss/
             "ppo/loss/value", "ppo/policy/approxkl", "ppo/mean_scores", "env/reward_mean", "env/reward_std"}
 
 
+PPO_RECIPES = [n for n in shipped_recipes() if load_recipe(n).ppo is not None]
+DPO_RECIPES = [n for n in shipped_recipes() if load_recipe(n).dpo is not None]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("quantization", ["none", "8bit", "4bit"])
-@pytest.mark.parametrize("name", shipped_recipes())
+@pytest.mark.parametrize("name", DPO_RECIPES)
+def test_shipped_dpo_recipe_trains_two_steps(name, quantization, tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [name, *local_overrides(name, tiny_dir), "run.steps=2", "dpo.batch_size=8", "dpo.heldout=16",
+            "eval.num_prompts=16", "eval.batch_size=16", "eval.every=0", f"policy.quantization={quantization}",
+            f"run.output_dir={out}"]
+    assert main(argv) == 0
+    assert "DPO 2/2" in capsys.readouterr().out
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2] and {"loss", "rewards/margins", "rewards/accuracies"} <= set(metrics[0])
+    assert metrics[0]["rewards/margins"] == 0  # before any update the policy is its reference
+    adapter = load_file(out / "model" / "adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in adapter.items())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization", ["none", "8bit", "4bit"])
+@pytest.mark.parametrize("name", PPO_RECIPES)
 def test_shipped_recipe_trains_two_steps(name, quantization, tiny_dir, tmp_path, capsys):
     out = tmp_path / "run"
     argv = [name, *local_overrides(name, tiny_dir), *SMALL, f"policy.quantization={quantization}",

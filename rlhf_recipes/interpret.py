@@ -1,0 +1,477 @@
+"""What training changed inside the policy, against its reference (the same model, adapters off).
+
+    python -m rlhf_recipes.interpret RUN_DIR [--top-k 10] [--heads 5] [--positive " great, good" --negative " bad"]
+
+works on a finished PPO or DPO run and writes RUN_DIR/interpret/ (interpret.json and figures) and
+a section of RUN_DIR/report.md; `analyse(policy, tokenizer, queries)` does the same on a policy in
+memory and returns the record. On the run's held-out prompts, with plain PyTorch hooks:
+
+1. Logit shift: the tokens whose log-probability rose and fell most, at the prompt's end and over
+   the policy's own samples, and KL(policy || reference) by response position.
+2. A contrast c over the vocabulary, picked by nobody: +1/k on the k tokens that rose most at the
+   prompt's end, -1/k on the k that fell most (or on the user's tokens). m = final logits . c.
+3. Logit lens (each layer's residual through the final norm and unembedding) and direct logit
+   attribution of m to the embeddings and each attention and MLP output, the final norm's scale
+   frozen per prompt, so that the parts sum to m exactly.
+4. Heads: per-head attribution, activation patching of single heads (and of the best few together)
+   from the policy into the reference, and how far each head's attention moved.
+
+Causal models only, of the architectures in ARCHS. Costs one hooked forward per model on the
+prompts, two scoring passes over the samples, and one reference forward per patched head.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Generation, RecipeError
+from .console import StepDisplay
+from .evaluation import scoring_inputs
+from .rollout import evaluating, generate, pad_batch
+from .run import OneLineParser
+from .seq2seq import is_encoder_decoder
+
+# Module paths inside the transformers model (the same on 4.57 and 5.x; under PEFT these modules
+# are the LoRA wrappers, whose forward includes the adapter). The embeddings are not named: the
+# residual entering the first block is them (token + position where there is one).
+ARCHS = {
+    "gpt2": dict(layers="transformer.h", attn="attn", mlp="mlp", o_proj="attn.c_proj", final_norm="transformer.ln_f"),
+    "gpt_neo": dict(layers="transformer.h", attn="attn", mlp="mlp", o_proj="attn.attention.out_proj",
+                    final_norm="transformer.ln_f"),
+    "gpt_neox": dict(layers="gpt_neox.layers", attn="attention", mlp="mlp", o_proj="attention.dense",
+                     final_norm="gpt_neox.final_layer_norm"),  # parallel residual: both read the block input
+    "llama": dict(layers="model.layers", attn="self_attn", mlp="mlp", o_proj="self_attn.o_proj",
+                  final_norm="model.norm"),  # RMSNorm; grouped-query: o_proj still reads all query heads
+}
+QUANTIZED = ("Linear8bitLt", "Linear4bit")
+OUT_DIR, BEGIN, END = "interpret", "<!-- interpret -->", "<!-- /interpret -->"
+
+
+# ---------------------------------------------------------------------------- pure maths
+def kl_rows(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) of each row. logp, logq (..., V) log-probs -> (...)."""
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def contrast(vocab: int, up: list[int], down: list[int]) -> torch.Tensor:
+    """c (V,): +1/len(up) on `up`, -1/len(down) on `down`; logits . c is a logit difference of means,
+    blind to a shift of all logits (which changes no probability)."""
+    c = torch.zeros(vocab)  # index_add_, not c[up] +=: a token given twice counts twice
+    c.index_add_(0, torch.tensor(up), torch.full((len(up),), 1.0 / len(up)))
+    return c.index_add_(0, torch.tensor(down), torch.full((len(down),), -1.0 / len(down)))
+
+
+def frozen_norm(parts: torch.Tensor, final: torch.Tensor, gamma: torch.Tensor, u: torch.Tensor, eps: float,
+                rms: bool) -> torch.Tensor:
+    """Each part's share of m through the final norm with its scale frozen at the full residual's.
+
+    parts (N, C, d) add up to final (N, d); gamma, u (d,) -> (N, C). LayerNorm: (x_c - mean x_c) /
+    sigma(final) * gamma . u; RMSNorm: x_c / rms(final) * gamma . u. Linear in each part, so the
+    shares plus the bias term (beta . u + b_U . c) are m exactly.
+    """
+    if rms:
+        scale = final.pow(2).mean(-1).add(eps).sqrt()
+    else:
+        parts = parts - parts.mean(-1, keepdim=True)
+        scale = final.var(-1, unbiased=False).add(eps).sqrt()
+    return (parts / scale[:, None, None]) @ (gamma * u)
+
+
+def position_stats(values: torch.Tensor, mask: torch.Tensor, start: torch.Tensor, width: int) -> tuple:
+    """Per response position: the sum of `values` over samples and how many samples reach it.
+
+    values, mask (B, T); start (B,) the column of each row's first response token -> two (width,)."""
+    rel = torch.arange(values.shape[1], device=values.device)[None] - start[:, None]
+    keep = mask.bool() & (rel >= 0) & (rel < width)
+    sums = torch.zeros(width, device=values.device).index_add_(0, rel[keep], values[keep].float())
+    return sums, torch.bincount(rel[keep], minlength=width).float()
+
+
+# ---------------------------------------------------------------------------- the model
+def check_model(policy) -> tuple[dict, object, object]:
+    """(ARCHS row, the PeftModel, the transformers model inside it), or a one-line refusal."""
+    if is_encoder_decoder(policy):
+        raise RecipeError("interpret: encoder-decoder policies (T5, BART) are not supported; it reads one "
+                          "causal residual stream")
+    peft = getattr(policy, "pretrained_model", policy)  # TRL's value-head wrapper, or the PeftModel itself
+    if not hasattr(peft, "disable_adapter"):
+        raise RecipeError("interpret: the policy has no PEFT adapters, so no reference (its adapters off) to compare")
+    base = peft.get_base_model()
+    kind = base.config.model_type
+    if kind not in ARCHS:
+        raise RecipeError(f"interpret: model type {kind!r} is not supported; supported: {', '.join(ARCHS)}")
+    return ARCHS[kind], peft, base
+
+
+def hooked_forward(peft, base, arch: dict, ids, mask, last) -> dict:
+    """One forward, recording at each prompt's last position the residual entering block 0, each
+    attention and MLP output, the raw final residual (a pre-hook on the final norm: hidden_states[-1]
+    is already normed), the logits and the last query's attention; o_proj's input z at every position;
+    and the first prompt's whole attention. Eager attention modules return their weights without
+    output_attentions, which would keep every layer's (N, H, T, T) map."""
+    layers, rows, cap = base.get_submodule(arch["layers"]), torch.arange(len(ids)), {}
+    at_last = lambda t: t[rows, last].float()  # noqa: E731
+
+    def keep(key, i=0):
+        def hook(module, args, *rest):  # pre-hooks get (args, kwargs), forward hooks (args, output)
+            if key in ("embed", "final", "z"):
+                x = args[0] if args else rest[0]["hidden_states"]
+                cap.setdefault(key, {})[i] = x if key == "z" else at_last(x)
+            elif key == "attn":
+                if rest[0][1] is None:
+                    raise RecipeError(f"interpret: {type(module).__name__} returned no attention weights in eager mode")
+                cap.setdefault(key, {})[i] = at_last(rest[0][0])
+                cap.setdefault("pattern", {})[i] = rest[0][1][rows, :, last].float()
+                cap.setdefault("pattern0", {})[i] = rest[0][1][0].float()
+            else:
+                cap.setdefault(key, {})[i] = at_last(rest[0])
+        return hook
+
+    hooks = [layers[0].register_forward_pre_hook(keep("embed"), with_kwargs=True),
+             base.get_submodule(arch["final_norm"]).register_forward_pre_hook(keep("final"), with_kwargs=True)]
+    for i, layer in enumerate(layers):
+        hooks += [layer.get_submodule(arch["attn"]).register_forward_hook(keep("attn", i)),
+                  layer.get_submodule(arch["mlp"]).register_forward_hook(keep("mlp", i)),
+                  layer.get_submodule(arch["o_proj"]).register_forward_pre_hook(keep("z", i), with_kwargs=True)]
+    try:
+        logits = peft(input_ids=ids, attention_mask=mask).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    by_layer = lambda key: [cap[key][i] for i in range(len(layers))]  # noqa: E731
+    return {"embed": cap["embed"][0], "final": cap["final"][0], "logits": at_last(logits),
+            "attn": torch.stack(by_layer("attn"), 1), "mlp": torch.stack(by_layer("mlp"), 1),
+            **{key: by_layer(key) for key in ("z", "pattern", "pattern0")}}
+
+
+def patched_forward(peft, base, arch: dict, ids, mask, last, patches: dict) -> torch.Tensor:
+    """The final-position logits (N, V) with heads' z replaced at every position: patches
+    {layer: (z_source (N, T, H*dh), [head, ...])}."""
+    layers, heads = base.get_submodule(arch["layers"]), base.config.num_attention_heads
+
+    def hook(source, chosen):
+        def swap(module, args):
+            z, dh = args[0].clone(), args[0].shape[-1] // heads
+            for h in chosen:
+                z[..., h * dh:(h + 1) * dh] = source[..., h * dh:(h + 1) * dh]
+            return (z, *args[1:])
+        return swap
+
+    hooks = [layers[i].get_submodule(arch["o_proj"]).register_forward_pre_hook(hook(*p)) for i, p in patches.items()]
+    try:
+        return peft(input_ids=ids, attention_mask=mask).logits[torch.arange(len(ids)), last].float()
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def unembed(head, c: torch.Tensor, width: int, like: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(u, b): logits . c = x . u + b for the unembedding as it runs (LoRA on it included, GPT-2's tied
+    to wte), as a vector-Jacobian product: no (V, d) matrix is built."""
+    with torch.enable_grad():
+        x = torch.zeros(width, dtype=like.dtype, device=like.device, requires_grad=True)
+        y = head(x).float() @ c.to(like.device)
+        (u,) = torch.autograd.grad(y, x)
+    return u.float(), float(y)
+
+
+def decompose(base, arch: dict, cap: dict, c: torch.Tensor) -> dict:
+    """m and its parts for one model, in its adapter state: logit lens, component and per-head DLA."""
+    norm, head = base.get_submodule(arch["final_norm"]), base.get_output_embeddings()
+    layers = base.get_submodule(arch["layers"])
+    final, d, dt = cap["final"], cap["final"].shape[-1], next(head.parameters())
+    u, b_u = unembed(head, c, d, dt)
+    rms, eps = not isinstance(norm, torch.nn.LayerNorm), getattr(norm, "eps", None) or getattr(norm, "variance_epsilon")
+    gamma = norm.weight.float()
+    bias = b_u + (float(norm.bias.float() @ u) if getattr(norm, "bias", None) is not None else 0.0)
+    parts = torch.cat([cap["embed"][:, None], torch.stack([cap["attn"], cap["mlp"]], 2).flatten(1, 2)], 1)
+    dla = frozen_norm(parts, final, gamma, u, eps, rms)  # (N, 1 + 2L): embed, attn 0, mlp 0, ...
+    m = cap["logits"] @ c.to(final.device)
+    gap = (dla.sum(1) + bias - m).abs().max()
+    if dt.dtype == torch.float32 and gap > 1e-4 * max(1.0, float(dla.abs().sum(1).max())):  # in float32 it is exact
+        raise RuntimeError(f"interpret: the parts miss m by {gap:.3g}: {base.config.model_type}'s residual stream "
+                           "is not the sum ARCHS assumes")
+    resid = torch.cat([cap["embed"][:, None], cap["embed"][:, None] + parts[:, 1:].cumsum(1)[:, 1::2]], 1)
+    lens = head(norm(resid.to(dt.dtype))).float()  # (N, L + 1, V): after the embeddings, after each block
+    lens_kl = kl_rows(cap["logits"].log_softmax(-1)[:, None], lens.log_softmax(-1))  # KL(final || lens)
+    per_head, o_bias, heads = [], [], base.config.num_attention_heads
+    for i, layer in enumerate(layers):
+        o, z = layer.get_submodule(arch["o_proj"]), cap["z"][i][torch.arange(len(final)), cap["last"]]
+        only = torch.eye(heads, device=z.device).repeat_interleave(z.shape[-1] // heads, 1)  # (H, H*dh)
+        zero = o(torch.zeros_like(z[:1])).float()  # o(0): the bias, given once rather than to every head
+        per_head.append(frozen_norm(o(z[:, None] * only.to(z.dtype)).float() - zero, final, gamma, u, eps, rms))
+        o_bias.append(frozen_norm(zero.expand(len(z), -1)[:, None], final, gamma, u, eps, rms)[:, 0])
+    return {"m": m, "dla": dla, "bias": bias, "gap": float(gap), "lens_kl": lens_kl, "lens_m": lens @ c.to(lens.device),
+            "heads": torch.stack(per_head, 1), "o_bias": torch.stack(o_bias, 1)}
+
+
+@torch.no_grad()
+def response_shift(peft, queries: list, responses: list, pad_id: int, device, batch_size: int) -> dict:
+    """On the policy's own samples, both models scoring them: per vocabulary token its mean share over
+    response positions of KL(policy || reference), p (log p - log p_ref) ("rise", (V,): the tokens the
+    policy now says), and of KL(reference || policy), p_ref (log p_ref - log p) ("fall": the tokens it
+    stopped saying); a plain mean log-ratio would rank the rare tokens that every shift of the logits
+    moves. Per response position (width,): KL(policy || reference) over the vocabulary ("kl") and the
+    sampled log-ratio ("sampled", whose sum over positions is the evaluation's sequence KL), each
+    averaged over the samples that reach it ("count")."""
+    width = max(len(r) for r in responses)
+    rise, fall, kl, sampled, count = 0.0, 0.0, torch.zeros(width, device=device), torch.zeros(width, device=device), 0.0
+    for s in range(0, len(queries), batch_size):
+        qs, rs = queries[s:s + batch_size], responses[s:s + batch_size]
+        inputs, targets, mask = scoring_inputs(qs, rs, pad_id, device, False)
+        lp = peft(**inputs).logits[:, :-1].float().log_softmax(-1)  # at t: the next token's distribution
+        with peft.disable_adapter():
+            lq = peft(**inputs).logits[:, :-1].float().log_softmax(-1)
+        start = torch.tensor([len(q) - 1 for q in qs], device=device)
+        rise = rise + (lp.exp() * (lp - lq) * mask[..., None]).sum((0, 1))
+        fall = fall + (lq.exp() * (lq - lp) * mask[..., None]).sum((0, 1))
+        k, n = position_stats(kl_rows(lp, lq), mask, start, width)
+        x, _ = position_stats((lp - lq).gather(-1, targets[..., None])[..., 0], mask, start, width)
+        kl, sampled, count = kl + k, sampled + x, count + n
+    total = count.sum().clamp(min=1)
+    return {"rise": rise / total, "fall": fall / total, "kl": kl / count.clamp(min=1),
+            "sampled": sampled / count.clamp(min=1), "count": count}
+
+
+def token_ids(tokenizer, entries: list[str], flag: str, notes: list) -> list[int]:
+    """The first token of each entry (said so in `notes` when an entry has several)."""
+    ids = []
+    for entry in entries:
+        pieces = tokenizer(entry, add_special_tokens=False).input_ids
+        if not pieces:
+            raise RecipeError(f"interpret: {flag} entry {entry!r} tokenizes to nothing; give words")
+        if len(pieces) > 1:
+            notes.append(f"{flag} {entry!r} is {len(pieces)} tokens; its first, {tokenizer.decode(pieces[:1])!r}, "
+                         "is used")
+        ids.append(pieces[0])
+    return ids
+
+
+def _chunks(fn, ids, mask, last, size: int, device) -> list:
+    return [fn(ids[s:s + size].to(device), mask[s:s + size].to(device), last[s:s + size].to(device), slice(s, s + size))
+            for s in range(0, len(ids), size)]
+
+
+def _merge(chunks: list[dict]) -> dict:
+    """Captures of row chunks as one (prompts padded together, so the widths agree)."""
+    return {k: v if k == "pattern0" else [torch.cat(x) for x in zip(*(c[k] for c in chunks))] if isinstance(v, list)
+            else torch.cat([c[k] for c in chunks]) for k, v in chunks[0].items()}
+
+
+@torch.no_grad()
+def analyse(policy, tokenizer, queries: list[torch.Tensor], generation: Generation | None = None, seed: int = 1234,
+            top_k: int = 10, heads: int = 5, positive: list[str] | None = None, negative: list[str] | None = None,
+            patch_limit: int = 64, batch_size: int = 64) -> dict:
+    """The record (JSON-able) of what the adapters change, on `queries` (causal prompts, no padding).
+
+    Responses are sampled as the evaluation samples them (lengths, then torch, from `seed`), in
+    forked RNGs. `positive`/`negative`: texts whose first tokens make the direction instead of the
+    top_k risers and fallers. `heads`: how many of the best single heads (at most half) to patch together.
+    """
+    arch, peft, base = check_model(policy)
+    notes = []
+    if min(top_k, heads, patch_limit, batch_size) < 1:
+        raise RecipeError("interpret: --top-k, --heads, --patch-limit and --batch-size must be at least 1")
+    if bool(positive) != bool(negative):
+        raise RecipeError("interpret: give both --positive and --negative, or neither")
+    given = (token_ids(tokenizer, positive, "--positive", notes), token_ids(tokenizer, negative, "--negative", notes)) \
+        if positive else None
+    device, tic, seconds = next(base.parameters()).device, time.perf_counter(), {}
+    lap = lambda key: seconds.__setitem__(key, time.perf_counter() - tic - sum(seconds.values()))  # noqa: E731
+    gen = dataclasses.replace(generation or Generation(response_min_tokens=4, response_max_tokens=16),
+                              batch_size=batch_size)
+    # special tokens other than eos are never sampled in training, so their rows move at random
+    skip = sorted(set(tokenizer.all_special_ids) - {tokenizer.eos_token_id})
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), evaluating(peft):
+        lengths = np.random.default_rng(seed).integers(gen.response_min_tokens, gen.response_max_tokens + 1,
+                                                       size=len(queries)).tolist()
+        torch.manual_seed(seed)  # the evaluation's samples, for the same seed
+        responses = generate(policy, tokenizer, queries, lengths, gen, device)
+        lap("generate")
+        shift = response_shift(peft, queries, responses, tokenizer.pad_token_id, device, batch_size)
+        lap("score_samples")
+        ids, mask = pad_batch(queries, tokenizer.pad_token_id, side="right")  # each row's prompt end: its length - 1
+        last = mask.sum(1) - 1
+        saved = base.config._attn_implementation
+        sides = {"policy": contextlib.nullcontext, "reference": peft.disable_adapter}
+        base.set_attn_implementation("eager")  # sdpa returns no attention weights
+        try:
+            caps, dec = {}, {}
+            for side, adapters in sides.items():
+                with adapters():
+                    caps[side] = _merge(_chunks(lambda i, a, t, _: hooked_forward(peft, base, arch, i, a, t), ids, mask,
+                                                last, batch_size, device))
+                caps[side]["last"] = last.to(device)
+            lap("hooked_forwards")
+            at_end = (caps["policy"]["logits"].log_softmax(-1) - caps["reference"]["logits"].log_softmax(-1)).mean(0)
+            pos, neg = given or extremes(at_end, top_k, skip)
+            c = contrast(at_end.numel(), pos, neg).to(device)
+            for side, adapters in sides.items():
+                with adapters():
+                    dec[side] = decompose(base, arch, caps[side], c)
+            patching = _patching(peft, base, arch, (ids, mask, last), c, caps, dec, heads, patch_limit, batch_size,
+                                 device)
+        finally:
+            base.set_attn_implementation(saved)
+    lap("patching")
+    seconds["total"] = time.perf_counter() - tic
+    source = "given" if given else f"the top {top_k} risers minus the top {top_k} fallers at the prompt's end"
+    return _record(tokenizer, base, queries, shift, at_end, skip, (pos, neg, source), caps, dec, patching, seconds,
+                   notes, top_k)
+
+
+def extremes(shift: torch.Tensor, k: int, skip: list[int]) -> tuple[list[int], list[int]]:
+    """The k entries of shift (V,) that rose most and the k that fell most, none of `skip`."""
+    shift = shift.clone()
+    shift[skip] = float("nan")
+    return (shift.nan_to_num(-float("inf")).topk(k).indices.tolist(),
+            (-shift).nan_to_num(-float("inf")).topk(k).indices.tolist())
+
+
+def _patching(peft, base, arch, batch, c, caps, dec, heads, limit, batch_size, device) -> dict:
+    """Each head's z from the policy into the reference, alone (all heads, or the `limit` whose
+    attribution moved most), then the `heads` that recover most, together."""
+    def m_with(patches):  # mean m of the reference run with `patches` {layer: (z, heads)}
+        run = lambda i, a, t, rows: patched_forward(peft, base, arch, i, a, t, {  # noqa: E731
+            layer: (z[rows], hs) for layer, (z, hs) in patches.items()}) @ c
+        return float(torch.cat(_chunks(run, *batch, batch_size, device)).mean())
+
+    diff = dec["policy"]["heads"].mean(0) - dec["reference"]["heads"].mean(0)  # (L, H)
+    n_layers, n_heads = diff.shape
+    order = diff.abs().flatten().argsort(descending=True).tolist()
+    chosen = order if len(order) <= limit else order[:limit]
+    m_pol, m_ref = float(dec["policy"]["m"].mean()), float(dec["reference"]["m"].mean())
+    change = m_pol - m_ref if m_pol != m_ref else float("nan")
+    recovered = torch.full((n_layers, n_heads), float("nan"))
+    with peft.disable_adapter(), StepDisplay(len(chosen) + 1, label="patching heads", every=10.0) as display:
+        for n, flat in enumerate(chosen):
+            layer, head = divmod(flat, n_heads)
+            recovered[layer, head] = (m_with({layer: (caps["policy"]["z"][layer], [head])}) - m_ref) / change
+            display.update(n + 1)
+        best = recovered.flatten().nan_to_num(-float("inf")).topk(max(1, min(heads, len(chosen), len(order) // 2)))
+        best = best.indices.tolist()
+        together = {}
+        for flat in best:
+            together.setdefault(flat // n_heads, (caps["policy"]["z"][flat // n_heads], []))[1].append(flat % n_heads)
+        share = (m_with(together) - m_ref) / change
+        display.update(len(chosen) + 1)
+    return {"recovered": recovered, "best": [divmod(f, n_heads) for f in best], "together": share,
+            "which": "all heads" if len(chosen) == len(order) else
+            f"the {limit} heads with the largest |per-head attribution difference| (of {len(order)})"}
+
+
+def _record(tokenizer, base, queries, shift, at_end, skip, direction, caps, dec, patching, seconds, notes,
+            top_k) -> dict:
+    """The JSON-able record of one analysis."""
+    word = lambda i: tokenizer.decode([i])  # noqa: E731
+
+    def ranked(v):
+        up, down = extremes(v, top_k, skip)
+        return {"up": [[word(i), float(v[i])] for i in up], "down": [[word(i), float(v[i])] for i in down]}
+
+    mean = lambda side, key: dec[side][key].mean(0).tolist()  # noqa: E731
+    n_layers, n_heads = dec["policy"]["heads"].shape[1:]
+    quantized = any(type(m).__name__ in QUANTIZED for m in base.modules())
+    p, r = dec["policy"], dec["reference"]
+    best, (pos, neg, source) = patching["best"], direction
+    length0 = int(caps["policy"]["last"][0]) + 1
+    return {
+        "model_type": base.config.model_type, "num_prompts": len(queries), "layers": n_layers, "heads": n_heads,
+        "approximate": (["per-head attribution: o(z_h) - o(0) through a quantized o_proj is not exactly linear, so "
+                         "heads plus o(0) only approximate the attention output"] if quantized else []),
+        "notes": notes + ["KL and logit lens in nats; logit-lens KL is KL(final output || lens) of each model",
+                          f"special tokens other than eos ({', '.join(map(word, skip)) or 'none'}) are left out of "
+                          "the token rankings and the default direction",
+                          "m = final-position logits . c; each model's parts use its own unembedding "
+                          "(adapters on or off)"],
+        "logit_shift": {"prompt_end": ranked(at_end),
+                        "samples": {"up": [[word(i), float(shift["rise"][i])] for i in extremes(shift["rise"], top_k, skip)[0]],
+                                    "down": [[word(i), -float(shift["fall"][i])]
+                                             for i in extremes(shift["fall"], top_k, skip)[0]]},
+                        "sample_positions": int(shift["count"].sum())},
+        "kl_by_position": {k: shift[k].tolist() for k in ("kl", "sampled", "count")},
+        "direction": {"source": source, "positive": [word(i) for i in pos], "negative": [word(i) for i in neg]},
+        "m": {"policy": float(p["m"].mean()), "reference": float(r["m"].mean()),
+              "change": float(p["m"].mean() - r["m"].mean())},
+        "logit_lens": {"boundaries": ["embed"] + [f"L{i}" for i in range(n_layers)],
+                       **{side: {"kl": mean(side, "lens_kl"), "m": mean(side, "lens_m")} for side in dec}},
+        "dla": {"components": ["embed"] + [f"{k} {i}" for i in range(n_layers) for k in ("attn", "mlp")],
+                **{side: mean(side, "dla") for side in dec},
+                "difference": (p["dla"].mean(0) - r["dla"].mean(0)).tolist(),
+                "bias": {side: dec[side]["bias"] for side in dec}, "max_gap": max(p["gap"], r["gap"])},
+        "heads_dla": {**{side: mean(side, "heads") for side in dec},
+                      "difference": (p["heads"].mean(0) - r["heads"].mean(0)).tolist(),
+                      "o_bias_difference": (p["o_bias"].mean(0) - r["o_bias"].mean(0)).tolist()},
+        "patching": {"patched": patching["which"], "recovered": patching["recovered"].tolist(),
+                     "best": [f"L{layer}H{head}" for layer, head in best], "best_together": patching["together"],
+                     "note": "fraction of (m_policy - m_reference) recovered when the head's z (o_proj input, all "
+                             "positions) is copied from the policy into the reference run"},
+        "attention_tv": (0.5 * (torch.stack(caps["policy"]["pattern"], 1)  # (N, L, H, T) -> (L, H)
+                                - torch.stack(caps["reference"]["pattern"], 1)).abs().sum(-1).mean(0)).tolist(),
+        "example": {"tokens": [word(i) for i in queries[0].tolist()],
+                    "heads": [{"head": f"L{layer}H{head}",
+                               **{side: caps[side]["pattern0"][layer][head, :length0, :length0].tolist()
+                                  for side in dec}}
+                              for layer, head in best[:4]]},
+        "seconds": seconds,
+    }
+
+
+# ---------------------------------------------------------------------------- a saved run
+def interpret_run(run_dir: str | Path, overrides: list[str] | None = None, **options) -> dict:
+    """analyse() a finished run on its held-out prompts; writes interpret/ and the report's section."""
+    from .evaluation import load_run
+    from .interpret_plots import markdown, plot_all, replace_section
+    from .rundir import REPORT, read_heldout, write_atomic
+
+    run = load_run(run_dir, overrides)
+    ev = run.recipe.eval
+    options.setdefault("batch_size", ev.batch_size)
+    result = {"recipe": run.recipe.name, **analyse(run.policy, run.tokenizer, read_heldout(run.out),
+                                                   run.recipe.generation, ev.seed, **options)}
+    out = run.out / OUT_DIR
+    out.mkdir(exist_ok=True)
+    write_atomic(out / "interpret.json", json.dumps(result, indent=1) + "\n")
+    report = run.out / REPORT
+    body = markdown(result, plot_all(out, result), OUT_DIR)
+    text = replace_section(report.read_text() if report.exists() else "", body, BEGIN, END)
+    write_atomic(report, text)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(prog="python -m rlhf_recipes.interpret",
+                           description="What training changed inside a finished run's policy, against its reference.")
+    parser.add_argument("run_dir")
+    parser.add_argument("overrides", nargs="*", metavar="section.field=value")
+    parser.add_argument("--top-k", type=int, default=10, help="tokens listed, and in the default direction (10)")
+    parser.add_argument("--heads", type=int, default=5, help="best heads patched together and drawn (5)")
+    parser.add_argument("--positive", help='comma-separated tokens for the direction, e.g. " great, good"')
+    parser.add_argument("--negative", help='comma-separated tokens against it, e.g. " awful, bad"')
+    parser.add_argument("--patch-limit", type=int, default=64, help="patch at most this many single heads (64)")
+    parser.add_argument("--batch-size", type=int, help="prompts per forward (default: eval.batch_size)")
+    args = parser.parse_intermixed_args(argv)
+    split = lambda s: [e for e in s.split(",") if e.strip()] if s else None  # noqa: E731
+    options = dict(top_k=args.top_k, heads=args.heads, positive=split(args.positive), negative=split(args.negative),
+                   patch_limit=args.patch_limit, **({"batch_size": args.batch_size} if args.batch_size else {}))
+    try:
+        result = interpret_run(args.run_dir, args.overrides, **options)
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"m {result['m']['reference']:.3f} -> {result['m']['policy']:.3f}; "
+          f"best heads {', '.join(result['patching']['best'])} "
+          f"recover {result['patching']['best_together']:.0%} together; {result['seconds']['total']:.1f}s; "
+          f"wrote {Path(args.run_dir) / OUT_DIR}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
