@@ -36,6 +36,7 @@ from .console import StepDisplay
 from .evaluation import scoring_inputs
 from .rollout import evaluating, generate, pad_batch
 from .run import OneLineParser
+from .report import KEPT
 from .seq2seq import is_encoder_decoder
 
 # Module paths inside the transformers model (the same on 4.57 and 5.x; under PEFT these modules
@@ -51,7 +52,7 @@ ARCHS = {
                   final_norm="model.norm"),  # RMSNorm; grouped-query: o_proj still reads all query heads
 }
 QUANTIZED = ("Linear8bitLt", "Linear4bit")
-OUT_DIR, BEGIN, END = "interpret", "<!-- interpret -->", "<!-- /interpret -->"
+OUT_DIR, (BEGIN, END) = "interpret", KEPT  # report.md keeps the section when it is rewritten
 
 
 # ---------------------------------------------------------------------------- pure maths

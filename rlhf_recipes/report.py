@@ -162,13 +162,21 @@ def model_card(result: dict, recipe: dict, model_dir: Path) -> str:
             f"tokenizer = AutoTokenizer.from_pretrained({str(model_dir.absolute())!r})\n```\n")
 
 
+KEPT = ("<!-- interpret -->", "<!-- /interpret -->")
+"""The markers of report.md's interpretability section (rlhf_recipes.interpret), which a rewrite keeps."""
+
+
 def write_report(out: Path, result: dict, metrics: list[dict]) -> None:
     """eval.json always; report.md, the plots and the model card once there is an 'after'."""
     (out / EVAL).write_text(json.dumps(result, indent=1) + "\n")
     if result.get("after"):
         recipe = json.loads((out / RECIPE).read_text()) if (out / RECIPE).exists() else {}
         gen = recipe.get("generation")
-        (out / REPORT).write_text(markdown(result, sampling_note(Generation(**gen)) if gen else None))
+        old = (out / REPORT).read_text() if (out / REPORT).exists() else ""
+        begin, end = KEPT
+        kept = old[old.index(begin):old.index(end) + len(end)] + "\n" if begin in old and end in old else ""
+        (out / REPORT).write_text(markdown(result, sampling_note(Generation(**gen)) if gen else None)
+                                  + ("\n" + kept if kept else ""))
         plot(out, result, metrics)
         if recipe and (out / MODEL).is_dir():
             (out / MODEL / "README.md").write_text(model_card(result, recipe, out / MODEL))

@@ -64,3 +64,37 @@ def test_a_sweep_trains_each_point_once_compares_them_and_records_a_failure(tiny
     again = json.loads((tmp_path / "sweep" / "frontier.json").read_text())
     assert [p["status"] for p in again["points"]] == ["reused"] * 4
     assert [p["after"] for p in again["points"]] == [p["after"] for p in done]
+
+
+@pytest.mark.slow
+def test_a_stopped_sweep_resumes_where_it_stopped(tiny_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from rlhf_recipes.rundir import read_metrics
+
+    rows = [json.loads(line) for line in (tiny_dir / "imdb.jsonl").read_text().splitlines()]
+    pos, neg = ([r["text"].split() for r in rows if r["label"] == k] for k in (1, 0))
+    prefs = _write(tmp_path / "prefs.jsonl", [{"prompt": " ".join(p[:2]), "chosen": " ".join(p[2:10]),
+                                               "rejected": " ".join(n[2:10])} for p, n in zip(pos, neg)])
+    dpo = recipe_file(tmp_path, tiny_dir, tmp_path, slow=True)  # sleeps before each update
+    argv = [str(tmp_path / "sweep"), "--sweep", dpo, "dpo.beta=0.1,0.5", f"dpo.dataset={prefs}", "--best-of", ""]
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_recipes.frontier", *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    first = tmp_path / "sweep" / "tiny_dpo" / "dpo.beta=0.1"
+    deadline = time.monotonic() + 240
+    while len(read_metrics(first)) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "run the same command again to resume the sweep" in err
+    stopped = json.loads((tmp_path / "sweep" / "frontier.json").read_text())
+    assert [p["status"] for p in stopped["points"]] == ["not run", "not run"]
+    assert main(argv) == 0
+    resumed = json.loads((tmp_path / "sweep" / "frontier.json").read_text())
+    assert [p["status"] for p in resumed["points"]] == ["resumed", "trained"] and resumed["best_of_n"] == []
+    assert [r["step"] for r in read_metrics(first)] == [1, 2, 3, 4]

@@ -157,6 +157,10 @@ def test_the_command_on_a_finished_run_writes_its_files_and_report_section(tiny_
     assert main([str(out), "--positive", " wonderful, brilliant", "--negative", " dull"]) == 0  # replaces it
     again = (out / "report.md").read_text()
     assert again.count(BEGIN) == again.count(END) == 1 and again.split(BEGIN)[0] == report.split(BEGIN)[0]
+    from rlhf_recipes.evaluation import main as evaluate_main
+
+    assert evaluate_main([str(out)]) == 0  # re-evaluating rewrites the report, and keeps this section
+    assert (out / "report.md").read_text().split(BEGIN)[1] == again.split(BEGIN)[1]
     capsys.readouterr()
     assert main([str(out), "--positive", " wonderful"]) == 2  # one side of the direction only
     assert main([str(tmp_path / "nothing")]) == 2
