@@ -90,9 +90,10 @@ def train_dpo(recipe: Recipe, resume: bool = False) -> TrainResult:
         raise RecipeError(f"--resume: the training pairs changed ({len(train_rows)} now, {saved.state['num_pairs']} "
                           f"at {saved.path}); resume needs the same data")
     load_models(started)
-    work = Path(tempfile.mkdtemp(prefix="rlhf_recipes-dpo-"))  # the Trainer wants a directory; nothing is kept there
-    trainer = trl_backend.make_dpo_trainer(cfg, started.policy.pretrained_model, tokenizer, train_rows, held_rows,
-                                           steps, run.seed, work)
+    # the Trainer wants a directory; our loop saves nothing in it
+    with tempfile.TemporaryDirectory(prefix="rlhf_recipes-dpo-") as work:
+        trainer = trl_backend.make_dpo_trainer(cfg, started.policy.pretrained_model, tokenizer, train_rows, held_rows,
+                                               steps, run.seed, Path(work))
 
     def evaluate_now(step: int, check: bool = False) -> dict:
         record = started.held_out(step, check)  # the recipe's reward and KL of samples, as for PPO,

@@ -157,10 +157,17 @@ def cached_best_of_n(out: Path, run_dir: Path, reference: list[float], ns: list[
     return rows
 
 
+def references_agree(references: list[list[float]]) -> bool:
+    """Whether the runs' references scored every held-out prompt alike (to float noise): only then
+    did they share the prompts, the reference model and the reward, and their points compare."""
+    return all(len(r) == len(references[0]) and np.allclose(r, references[0], rtol=1e-5, atol=1e-6)
+               for r in references[1:])
+
+
 def collect(points: list[Point], statuses: dict[Path, str], ns: list[int], out: Path, baseline: bool = True) -> dict:
     """frontier.json: each point's evaluations, the best-of-N baseline (baseline=False: only a saved
     one), and whether the points compare."""
-    rows, references = [], []
+    rows, references, finished, judges = [], [], [], []
     for p in points:
         result = json.loads((p.out / EVAL).read_text()) if (p.out / EVAL).is_file() else {}
         row = {"sweep": p.sweep, "method": "dpo" if p.recipe.dpo is not None else "ppo", "field": p.field,
@@ -169,16 +176,16 @@ def collect(points: list[Point], statuses: dict[Path, str], ns: list[int], out: 
             row["after"] = curve_point(result["after"])
             row["during"] = [curve_point(r) for r in result.get("during", [])]
             references.append(result["after"]["per_sample"]["reference_reward"])
+            finished.append(p.out)
+            judges.append(result["after"].get("judge"))
         rows.append(row)
-    same = all(np.allclose(r, references[0], rtol=1e-5, atol=1e-6) for r in references[1:]) if references else True
-    finished = [p.out for p, r in zip(points, rows) if "after" in r]
+    same = references_agree(references)
     bon = []
     if finished and ns and baseline:
         bon = cached_best_of_n(out, finished[0], references[0], ns)
     elif (out / "best_of_n.json").is_file():
         bon = json.loads((out / "best_of_n.json").read_text())["rows"]
-    judges = [json.loads((p.out / EVAL).read_text())["after"].get("judge") for p in points if p.out in finished]
-    frontier = {"points": rows, "comparable": bool(same), "judge": judges[0] if judges else None, "best_of_n": bon}
+    frontier = {"points": rows, "comparable": same, "judge": judges[0] if judges else None, "best_of_n": bon}
     if not same:
         frontier["warning"] = ("the points' references score differently on the held-out prompts: they differ in "
                                "held-out prompts, reference model or reward, and do not compare")

@@ -8,6 +8,7 @@
     OUTPUT_DIR/report.md       the before/after table and samples, with training.png and reward_hist.png
     OUTPUT_DIR/checkpoints/    the newest checkpoints, to resume from (rlhf_recipes.checkpoint)
     OUTPUT_DIR/stages/         SFT and reward-model outputs, reused while their inputs are unchanged (rlhf_recipes.stages)
+    OUTPUT_DIR/interpret/      what training changed inside the model, when asked (rlhf_recipes.interpret)
 """
 from __future__ import annotations
 

@@ -27,9 +27,9 @@ from .stopping import RunStopped, StopRequests
 class TrainResult:
     output_dir: Path
     metrics: list[dict]
-    """One record per PPO step taken, as written to metrics.jsonl."""
+    """One record per PPO (or DPO) step taken, as written to metrics.jsonl."""
     skipped: int
-    """Batches skipped (and rolled back) for non-finite rewards or losses."""
+    """Batches skipped (PPO's rolled back) for non-finite rewards, losses or gradients."""
     evaluation: dict
     """What eval.json holds: the held-out evaluation before, during and after training."""
     policy: object

@@ -370,8 +370,8 @@ def make_dpo_trainer(cfg: DPO, model, tokenizer, train: list[tuple[str, str, str
     section passed through, its triples (prompt, chosen, rejected) tokenized by TRL, and an
     optimizer and schedule for `steps` updates.
 
-    TRL prepends the tokenizer's BOS to every prompt; a tokenizer that adds none itself (GPT-2's)
-    samples the PPO and evaluation prompts without it, so it is taken off again here.
+    Each row then starts as the evaluation's prompts do (see _bos_as_sampled), and TRL's own
+    errors about a row become one line naming dpo.dataset.
     """
     from datasets import Dataset
 

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny local models and prompt files, built once per test session, offline."""
+import json
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # local paths must never fall back to the Hub
@@ -57,3 +58,26 @@ def local_overrides(name: str, tiny_dir) -> list[str]:
         else:
             out.append(f"{key}={tiny_dir / value}")
     return out + SHORT_STAGES.get(name, [])
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def prefs(tiny_dir, tmp_path_factory):
+    """Preference files from the tiny review corpus: a prompt (a review's first two words),
+    a positive review's rest over a negative one's; the same nested; and as rankings of three."""
+    root = tmp_path_factory.mktemp("prefs")
+    rows = [json.loads(line) for line in (tiny_dir / "imdb.jsonl").read_text().splitlines()]
+    pos = [r["text"].split() for r in rows if r["label"] == 1]
+    neg = [r["text"].split() for r in rows if r["label"] == 0]
+    pairs = [{"prompt": " ".join(p[:2]), "chosen": " ".join(p[2:12]), "rejected": " ".join(n[2:12])}
+             for p, n in zip(pos, neg) if len(p) > 3 and len(n) > 3]
+    write_jsonl(root / "pairs.jsonl", pairs)
+    write_jsonl(root / "nested.jsonl", [{"pair": {"q": r["prompt"], "good": r["chosen"], "bad": r["rejected"]}}
+                                        for r in pairs])
+    write_jsonl(root / "ranked.jsonl", [{"prompt": r["prompt"], "answers": [r["chosen"], "and then", r["rejected"]]}
+                                        for r in pairs])
+    return root

@@ -24,29 +24,6 @@ TRL_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "re
             "logps/rejected", "grad_norm", "learning_rate"}
 
 
-def _write(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
-def prefs(tiny_dir, tmp_path_factory):
-    """Preference files from the tiny review corpus: a prompt (a review's first two words),
-    a positive review's rest over a negative one's; the same nested; and as rankings of three."""
-    root = tmp_path_factory.mktemp("prefs")
-    rows = [json.loads(line) for line in (tiny_dir / "imdb.jsonl").read_text().splitlines()]
-    pos = [r["text"].split() for r in rows if r["label"] == 1]
-    neg = [r["text"].split() for r in rows if r["label"] == 0]
-    pairs = [{"prompt": " ".join(p[:2]), "chosen": " ".join(p[2:12]), "rejected": " ".join(n[2:12])}
-             for p, n in zip(pos, neg) if len(p) > 3 and len(n) > 3]
-    _write(root / "pairs.jsonl", pairs)
-    _write(root / "nested.jsonl", [{"pair": {"q": r["prompt"], "good": r["chosen"], "bad": r["rejected"]}}
-                                   for r in pairs])
-    _write(root / "ranked.jsonl", [{"prompt": r["prompt"], "answers": [r["chosen"], "and then", r["rejected"]]}
-                                   for r in pairs])
-    return root
-
-
 def recipe_file(tmp_path, tiny_dir, prefs, slow: bool = False):
     """A DPO recipe for the tiny GPT-2 (whose tokenizer has a BOS it does not add), scored by the
     tiny DistilBERT; slow=True sleeps before each update, so a test can stop it mid-run."""

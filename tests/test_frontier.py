@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import SMALL, local_overrides
-from rlhf_recipes.frontier import main
+from rlhf_recipes.frontier import main, references_agree
 from rlhf_recipes.metrics import best_of_n_kl, expected_best_of
-from test_dpo import _write, recipe_file
+from test_dpo import recipe_file
 
 
 def test_best_of_n_is_the_mean_over_every_n_subset_of_the_best_samples_value():
@@ -27,21 +27,24 @@ def test_best_of_n_is_the_mean_over_every_n_subset_of_the_best_samples_value():
         expected_best_of(rewards, 7)
 
 
-@pytest.mark.slow
-def test_a_sweep_trains_each_point_once_compares_them_and_records_a_failure(tiny_dir, tmp_path, capsys):
-    dpo = recipe_file(tmp_path, tiny_dir, tmp_path / "unused")  # its data is set below
+def test_points_compare_only_when_their_references_scored_every_prompt_alike():
+    reference = [0.5, -1.25, 2.0]
+    assert references_agree([reference, [x + 1e-7 for x in reference], reference])  # float noise
+    assert not references_agree([reference, [0.5, -1.25, 2.1]])  # another reward, reference or prompt
+    assert not references_agree([reference, reference[:2]])  # other held-out prompts
+    assert references_agree([]) and references_agree([reference])
 
-    rows = [json.loads(line) for line in (tiny_dir / "imdb.jsonl").read_text().splitlines()]
-    pos, neg = ([r["text"].split() for r in rows if r["label"] == k] for k in (1, 0))
-    prefs = _write(tmp_path / "prefs.jsonl", [{"prompt": " ".join(p[:2]), "chosen": " ".join(p[2:10]),
-                                               "rejected": " ".join(n[2:10])} for p, n in zip(pos, neg)])
+
+@pytest.mark.slow
+def test_a_sweep_trains_each_point_once_compares_them_and_records_a_failure(tiny_dir, prefs, tmp_path, capsys):
+    dpo = recipe_file(tmp_path, tiny_dir, prefs)
     same = ["prompts.query_min_tokens=2", "prompts.query_max_tokens=4", "eval.num_prompts=16", "eval.batch_size=16",
             "generation.response_min_tokens=4", "generation.response_max_tokens=6", "eval.every=2"]
     ppo = ["imdb_positive", "ppo.target=1,8", *local_overrides("imdb_positive", tiny_dir),
            *[o for o in SMALL if not o.startswith(("eval.", "generation."))], "run.steps=4",
            "ppo.learning_rate=1e-3"]
-    sweeps = [str(tmp_path / "sweep"), "--sweep", *ppo, "--sweep", dpo, "dpo.beta=0.1,0.5", f"dpo.dataset={prefs}"]
-    failing = ["--sweep", dpo, "dpo.learning_rate=1e-2", "dpo.heldout=100000", f"dpo.dataset={prefs}"]
+    sweeps = [str(tmp_path / "sweep"), "--sweep", *ppo, "--sweep", dpo, "dpo.beta=0.1,0.5"]
+    failing = ["--sweep", dpo, "dpo.learning_rate=1e-2", "dpo.heldout=100000"]
     rest = ["--set", *same, "--best-of", "1,2,4"]
     assert main(sweeps + failing + rest) == 1  # the last point cannot hold out that many rows
     err = capsys.readouterr().err
@@ -67,7 +70,7 @@ def test_a_sweep_trains_each_point_once_compares_them_and_records_a_failure(tiny
 
 
 @pytest.mark.slow
-def test_a_stopped_sweep_resumes_where_it_stopped(tiny_dir, tmp_path):
+def test_a_stopped_sweep_resumes_where_it_stopped(tiny_dir, prefs, tmp_path):
     import os
     import signal
     import subprocess
@@ -76,12 +79,8 @@ def test_a_stopped_sweep_resumes_where_it_stopped(tiny_dir, tmp_path):
 
     from rlhf_recipes.rundir import read_metrics
 
-    rows = [json.loads(line) for line in (tiny_dir / "imdb.jsonl").read_text().splitlines()]
-    pos, neg = ([r["text"].split() for r in rows if r["label"] == k] for k in (1, 0))
-    prefs = _write(tmp_path / "prefs.jsonl", [{"prompt": " ".join(p[:2]), "chosen": " ".join(p[2:10]),
-                                               "rejected": " ".join(n[2:10])} for p, n in zip(pos, neg)])
-    dpo = recipe_file(tmp_path, tiny_dir, tmp_path, slow=True)  # sleeps before each update
-    argv = [str(tmp_path / "sweep"), "--sweep", dpo, "dpo.beta=0.1,0.5", f"dpo.dataset={prefs}", "--best-of", ""]
+    dpo = recipe_file(tmp_path, tiny_dir, prefs, slow=True)  # sleeps before each update
+    argv = [str(tmp_path / "sweep"), "--sweep", dpo, "dpo.beta=0.1,0.5", "--best-of", ""]
     proc = subprocess.Popen([sys.executable, "-m", "rlhf_recipes.frontier", *argv], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     first = tmp_path / "sweep" / "tiny_dpo" / "dpo.beta=0.1"
