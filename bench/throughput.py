@@ -1,13 +1,16 @@
-"""PPO step time of rlhf_recipes against two plain TRL 0.11.4 loops, split into generation,
-reward and optimisation, with medians over steps after warm-up and the ratios.
+"""PPO step time of rlhf_recipes against the hand-written TRL 0.11.4 loop, as whole-step wall
+time (from one step's prompt selection to the next's) and phase by phase, with the ratios.
 
-    python bench/throughput.py --shape gpt2-small --batch 64 --steps 5 --warmup 1
+    python bench/throughput.py --shape tiny --batch 64 --mini-batch 64,16 --steps 20 --warmup 3
+    python bench/throughput.py --shape gpt2-small --batch 64 --mini-batch 64,16 --steps 3 --warmup 1
 
-The plain loops are written the way TRL's gpt2-sentiment example does it (a LoRA policy
-with a value head, the reference by switching adapters off, a text-classification pipeline
-with batch 16): "per-prompt" calls generate once per prompt, as the example does;
-"batched" generates the whole batch in one call. All three use the same models, prompts,
-response lengths, batch and PPO settings, and seeds.
+The plain loop is written the way TRL's gpt2-sentiment example is (a LoRA policy with a
+value head, the reference by switching adapters off, a text-classification pipeline with
+batch 16, per-sample response lengths of 4-16 tokens), except that it generates the whole
+batch in one `generate` call and cuts each response to its own length: the fair hand-written
+loop. --per-prompt adds the example's own loop, one `generate` call per prompt. Every loop
+uses the same models, prompts, response lengths, batch, PPO settings and seeds. Our phases
+are timed from outside by bench/phases.py, so the code measured is the code users run.
 """
 from __future__ import annotations
 
@@ -21,48 +24,43 @@ import numpy as np
 import torch
 
 from common import build_models, table, write_section
+from phases import ORDER, TRL_PHASES, profiled
 
-PHASES = ("generate", "reward", "optimise")
 
-
-def recipe_for(paths: dict, args, out: Path):
+def recipe_for(paths: dict, args, out: Path, mini_batch: int):
     from rlhf_recipes import apply_overrides, load_recipe
 
     return apply_overrides(load_recipe("imdb_positive"), [
         f"policy.model={paths['policy']}", f"reward.model={paths['reward']}", f"prompts.dataset={paths['prompts']}",
-        "prompts.filter=none", f"ppo.batch_size={args.batch}", f"ppo.mini_batch_size={args.mini_batch}",
+        "prompts.filter=none", f"ppo.batch_size={args.batch}", f"ppo.mini_batch_size={mini_batch}",
         f"ppo.ppo_epochs={args.epochs}", f"generation.response_min_tokens={args.min_tokens}",
         f"generation.response_max_tokens={args.max_tokens}", "reward.batch_size=16", "eval.num_prompts=8",
         "eval.batch_size=8", f"run.steps={args.warmup + args.steps}", "run.sample_every=0",
         f"run.checkpoint_every={args.warmup + args.steps}", f"run.output_dir={out}"])
 
 
-def ours(paths: dict, args) -> list[dict]:
+def ours(paths: dict, args, mini_batch: int) -> list[dict]:
     from rlhf_recipes.training import train
 
-    with tempfile.TemporaryDirectory() as tmp:
-        result = train(recipe_for(paths, args, Path(tmp) / "run"))
-    steps = []
-    for m in result.metrics[args.warmup:]:
-        gen, score = m["time/rollout/generate"], m["time/rollout/score"]
-        steps.append({"generate": gen, "reward": score, "optimise": m["time/step"] - gen - score})
-    return steps
+    with tempfile.TemporaryDirectory() as tmp, profiled() as prof:
+        train(recipe_for(paths, args, Path(tmp) / "run", mini_batch))
+    return prof.steps[args.warmup:]
 
 
-def plain(paths: dict, args, batched: bool) -> list[dict]:
-    """TRL's example loop, per prompt or batched, on the same prompts and response lengths as ours."""
+def plain(paths: dict, args, mini_batch: int, batched: bool) -> list[dict]:
+    """TRL's example loop, batched or per prompt, on the same prompts and response lengths as ours."""
     from peft import LoraConfig
     from transformers import AutoTokenizer, pipeline, set_seed
     from trl import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
 
     from rlhf_recipes.data import batch_indices, load_prompts
 
-    recipe = recipe_for(paths, args, Path("unused"))
+    recipe = recipe_for(paths, args, Path("unused"), mini_batch)
     tokenizer = AutoTokenizer.from_pretrained(str(paths["policy"]))
     tokenizer.pad_token = tokenizer.eos_token
     prompts = load_prompts(recipe.prompts, tokenizer, recipe.eval.num_prompts, recipe.run.seed)
     set_seed(recipe.run.seed)
-    config = PPOConfig(learning_rate=recipe.ppo.learning_rate, batch_size=args.batch, mini_batch_size=args.mini_batch,
+    config = PPOConfig(learning_rate=recipe.ppo.learning_rate, batch_size=args.batch, mini_batch_size=mini_batch,
                        ppo_epochs=args.epochs, adap_kl_ctrl=True, init_kl_coef=0.2, target=6.0, horizon=10000.0,
                        seed=recipe.run.seed, log_with=None)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM")
@@ -72,10 +70,11 @@ def plain(paths: dict, args, batched: bool) -> list[dict]:
     gen_kwargs = {"min_length": -1, "top_k": 0, "top_p": 1.0, "do_sample": True, "pad_token_id": tokenizer.eos_token_id}
     steps = []
     for step in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
         queries = [prompts.train[i] for i in batch_indices(len(prompts.train), args.batch, step, recipe.run.seed)]
         lengths = np.random.default_rng([recipe.run.seed, step]).integers(
             args.min_tokens, args.max_tokens + 1, size=len(queries)).tolist()
-        t0 = time.perf_counter()
+        t1 = time.perf_counter()
         if batched:
             out = trainer.generate(queries, batch_size=args.batch, return_prompt=False,
                                    max_new_tokens=max(lengths), **gen_kwargs)
@@ -83,51 +82,75 @@ def plain(paths: dict, args, batched: bool) -> list[dict]:
         else:
             responses = [trainer.generate(q, max_new_tokens=n, **gen_kwargs).squeeze()[-n:]
                          for q, n in zip(queries, lengths)]
-        t1 = time.perf_counter()
+        t2 = time.perf_counter()
         texts = [tokenizer.decode(q) + tokenizer.decode(r) for q, r in zip(queries, responses)]
+        t3 = time.perf_counter()
         scored = pipe(texts, top_k=None, function_to_apply="none", batch_size=16, truncation=True)
         rewards = [torch.tensor(next(s["score"] for s in row if s["label"] == "POSITIVE")) for row in scored]
-        t2 = time.perf_counter()
-        trainer.step(queries, responses, rewards)
-        t3 = time.perf_counter()
+        t4 = time.perf_counter()
+        stats = trainer.step(queries, responses, rewards)
+        t5 = time.perf_counter()
         if step >= args.warmup:
-            steps.append({"generate": t1 - t0, "reward": t2 - t1, "optimise": t3 - t2})
+            steps.append({"prompt selection": t1 - t0, "generate (all)": t2 - t1, "decoding": t3 - t2,
+                          "reward": t4 - t3, "TRL step (all)": t5 - t4, "wall": t5 - t0,
+                          **{name: float(stats[key]) for key, name in TRL_PHASES.items()}})
     return steps
 
 
-def medians(steps: list[dict]) -> dict:
-    out = {k: statistics.median(s[k] for s in steps) for k in PHASES}
-    out["total"] = statistics.median(sum(s[k] for k in PHASES) for s in steps)
-    return out
+def median(steps: list[dict], phase: str) -> float:
+    return statistics.median(s.get(phase, 0.0) for s in steps)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="gpt2-small", choices=["tiny", "gpt2-small"])
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--mini-batch", type=int, default=16)
+    p.add_argument("--mini-batch", default="64,16", help="comma-separated: one comparison each")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--min-tokens", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--steps", type=int, default=5, help="measured steps, after the warm-up")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--per-prompt", action="store_true", help="also TRL's example loop, one generate call a prompt")
+    p.add_argument("--target", type=float, help="the whole-step ratio to meet, for the summary line")
     args = p.parse_args()
     paths = build_models(args.shape)
-    results = {"rlhf_recipes": medians(ours(paths, args)),
-               "plain TRL, batched": medians(plain(paths, args, batched=True)),
-               "plain TRL, per prompt": medians(plain(paths, args, batched=False))}
-    rows = [[name, *(f"{r[k]:.3f}" for k in (*PHASES, "total"))] for name, r in results.items()]
-    ours_total = results["rlhf_recipes"]["total"]
-    body = (f"Shape {args.shape}, batch {args.batch}, mini-batch {args.mini_batch}, {args.epochs} PPO epochs, "
-            f"responses of {args.min_tokens}-{args.max_tokens} tokens; medians of {args.steps} steps after "
-            f"{args.warmup} warm-up, in seconds.\n\n"
-            + table(rows, ["loop", "generate", "reward", "optimise", "step"])
-            + f"\n- rlhf_recipes / plain batched: **{ours_total / results['plain TRL, batched']['total']:.3f}** "
-              "(target: at most 1.03)\n"
-            + f"- plain per-prompt / rlhf_recipes: **{results['plain TRL, per prompt']['total'] / ours_total:.2f}x** "
-              "(target: at least 5x at batch 64)\n")
+    rows, profiles, ratios = [], {}, []
+    for mini in (int(m) for m in args.mini_batch.split(",")):
+        runs = {"rlhf_recipes": ours(paths, args, mini), "plain TRL, one generate call": plain(paths, args, mini, True)}
+        if args.per_prompt:
+            runs["plain TRL, per prompt"] = plain(paths, args, mini, False)
+        base = median(runs["plain TRL, one generate call"], "wall")
+        mine = median(runs["rlhf_recipes"], "wall")
+        ratios.append((mini, mine / base))
+        for name, steps in runs.items():
+            rows.append([str(mini), name, *(f"{median(steps, k):.3f}" for k in
+                                            ("generate (all)", "reward", "TRL step (all)", "wall")),
+                         f"{median(steps, 'wall') / base:.3f}", f"{statistics.fmean(s['wall'] for s in steps):.3f}"])
+        if args.per_prompt:
+            rows.append([str(mini), "per prompt / rlhf_recipes", "", "", "", "",
+                         f"**{median(runs['plain TRL, per prompt'], 'wall') / mine:.2f}x**", ""])
+        profiles[mini] = runs
+    head = ["mini-batch", "loop", "generate", "reward", "TRL step", "whole step", "/ plain", "mean whole step"]
+    body = (f"Shape {args.shape}, batch {args.batch}, {args.epochs} PPO epochs, responses of {args.min_tokens}-"
+            f"{args.max_tokens} tokens; medians of {args.steps} steps after {args.warmup} warm-up, in seconds. "
+            "The whole step is wall time from one step's prompt selection to the next's, everything included "
+            "(for rlhf_recipes: decoding, the rollback snapshot, the finiteness check, logging, the display).\n\n"
+            + table(rows, head) + "\n"
+            + "".join(f"- whole step, rlhf_recipes / plain, mini-batch {m}: **{r:.3f}**"
+                      + (f" (target: at most {args.target})" if args.target else "") + "\n" for m, r in ratios))
+    prof_rows = []
+    for phase in ORDER + ["wall"]:
+        row = [phase.replace("  ", "- ") if phase != "wall" else "**whole step**"]
+        for runs in profiles.values():
+            row += [f"{1000 * median(runs['rlhf_recipes'], phase):.1f}",
+                    f"{1000 * median(runs['plain TRL, one generate call'], phase):.1f}"
+                    if any(phase in s for s in runs["plain TRL, one generate call"]) else ""]
+        prof_rows.append(row)
+    prof_head = ["phase"] + [h for m in profiles for h in (f"ours, mb {m}, ms", f"plain, mb {m}, ms")]
+    body += ("\nPhase by phase (medians; a phase's parts, indented, are inside it; a blank plain cell is work "
+             "the plain loop does not do):\n\n" + table(prof_rows, prof_head))
     write_section(f"throughput ({args.shape}, batch {args.batch})", body)
-    print(body)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     state, run, gen = started.state, recipe.run, recipe.generation
     rank, processes, main, device = state.process_index, state.num_processes, state.is_main_process, state.device
     trainer = trl_backend.make_trainer(recipe, policy, tokenizer, deepspeed)
+    rollback = trl_backend.Rollback(trainer)
     set_seed(run.seed, device_specific=True)  # seed + rank: each process samples its own responses
     evaluation, records, start, skipped, bad_in_row = start_records(
         started, lambda saved: trl_backend.load_trainer_state(trainer, saved["trainer"]))
@@ -65,6 +66,10 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     if prompts.duplicates:
         console.print(f"prompts: {prompts.duplicates} queries repeated an earlier one token for token and were "
                       "dropped, so no held-out prompt is also a training prompt", soft_wrap=True)
+    if not (trainer.responses_only or encoder_decoder):
+        console.print("note: this policy's logits are not its LM head applied to its last hidden state (a logit "
+                      "scale or soft cap, say), so PPO scores every position with TRL's full pass, which is slower",
+                      soft_wrap=True)
     for level, text in startup.notices(recipe, processes, device):
         console.print(f"[yellow]warning:[/] {escape(text)}" if level == "warning" else f"note: {escape(text)}",
                       soft_wrap=True)
@@ -99,10 +104,10 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
             # 3. one PPO update against the adapters-off reference, undone if anything went non-finite
             stats = None
             if all_finite(all_rewards):
-                last_good = trl_backend.trainer_state(trainer)
+                rollback.take()
                 stats = trl_backend.ppo_step(trainer, queries, responses, rewards)
                 if distributed.any_process(not trl_backend.step_is_finite(trainer, stats)):
-                    trl_backend.load_trainer_state(trainer, last_good)
+                    rollback.restore()
                     stats = None
             if stats is None:
                 skipped, bad_in_row = skipped + 1, bad_in_row + 1

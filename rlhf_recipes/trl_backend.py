@@ -20,9 +20,9 @@ from . import compat
 compat.patch_trl_flags()  # before TRL's trainers import (transformers 5.x)
 from trl import (AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead, DPOConfig,  # noqa: E402
                  DPOTrainer, PPOConfig, PPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer)
-from trl.core import entropy_from_logits, masked_mean  # noqa: E402
+from trl.core import PPODecorators, entropy_from_logits, masked_mean  # noqa: E402
 
-from . import distributed  # noqa: E402
+from . import distributed, token_scores  # noqa: E402
 from .seq2seq import is_encoder_decoder  # noqa: E402
 from .console import StepDisplay  # noqa: E402
 from .config import DPO, SFT, Recipe, RecipeError, RewardModel  # noqa: E402
@@ -49,7 +49,7 @@ def with_value_head(adapted_model) -> AutoModelForCausalLMWithValueHead:
 
 
 class _PPOTrainer(PPOTrainer):
-    """TRL's PPOTrainer with three changes to its step; the first two are off unless a recipe asks.
+    """TRL's PPOTrainer with four changes to its step; the first two are off unless a recipe asks.
 
     1. Gradient checkpointing that checkpoints. TRL's batched_forward_pass calls model.eval()
        before every forward pass, the gradient-carrying one inside each minibatch included, and
@@ -64,32 +64,123 @@ class _PPOTrainer(PPOTrainer):
        policy loss, and a response of one token left nothing scored (a crash). On the seq2seq
        quickstart that first token carried most of the KL: the controller saw 2 nats where the
        policy had moved 13, lowered the coefficient and let the policy collapse.
+    4. A causal policy's scoring passes apply the LM head, softmax and entropy at the response
+       tokens only, not at every prompt and padding position (rlhf_recipes.token_scores), and
+       the masks and per-token rewards are built without a loop over rows. The log-probs,
+       values and masks are TRL's, bit for bit on this CPU (tested); where the model's logits
+       are not its LM head of the last hidden state (checked once, in make_trainer), or for a
+       full-distribution KL penalty, TRL's own pass runs.
     """
 
     entropy_coef: float = 0.0
     checkpointing: bool = False
+    responses_only: bool = False
 
+    @PPODecorators.empty_device_cache()
     def batched_forward_pass(self, model, queries, responses, model_inputs, return_logits=False,
                              response_masks=None):
         keep = _train_mode_kept(model) if self.checkpointing and torch.is_grad_enabled() else contextlib.nullcontext()
         with keep:
+            if self.responses_only and response_masks is None and self.config.kl_penalty != "full":
+                return self._response_pass(model, queries, responses, model_inputs, return_logits)
             logprobs, logits, values, masks = super().batched_forward_pass(
                 model, queries, responses, model_inputs, return_logits=return_logits, response_masks=response_masks)
         if self.is_encoder_decoder:  # every decoder token after the start: logprobs[:, t] is token t + 1's
             masks = model_inputs["decoder_attention_mask"][:, 1:].to(masks.dtype)
         return logprobs, logits, values, masks
 
+    def _response_pass(self, model, queries, responses, model_inputs, return_logits):
+        """batched_forward_pass's (logprobs, entropies or None, values, masks), each (b, L - 1);
+        in place of the logits, which TRL uses only for its entropy statistic, the entropies."""
+        model.eval()
+        wrapper = self.accelerator.unwrap_model(model)
+        lm_head = wrapper.pretrained_model.get_output_embeddings()
+        device = model_inputs["input_ids"].device
+        query_lens = torch.tensor([len(q) for q in queries], device=device)
+        response_lens = torch.tensor([len(r) for r in responses], device=device)
+        outputs: tuple[list, list, list, list] = ([], [], [], [])
+        for i in range(0, len(queries), self.config.mini_batch_size):
+            rows = slice(i, i + self.config.mini_batch_size)
+            inputs = {k: v[rows] for k, v in model_inputs.items()}
+            with _last_hidden(wrapper) as hidden:  # the value head's input: the LM head's too
+                _, _, values = model(**inputs, logits_to_keep=1)
+            mask = token_scores.response_mask(inputs["attention_mask"], query_lens[rows], response_lens[rows])
+            picked = mask.bool()
+            logits = lm_head(hidden[0][:, :-1][picked].to(lm_head.weight.device)).float()
+            logprobs = token_scores.token_logprobs(logits, inputs["input_ids"][:, 1:][picked])
+            outputs[0].append(token_scores.scatter(logprobs, mask))
+            if return_logits:  # only the statistic needs it, unless the entropy bonus is in the loss
+                with torch.set_grad_enabled(torch.is_grad_enabled() and bool(self.entropy_coef)):
+                    outputs[1].append(token_scores.scatter(token_scores.entropy(logits), mask))
+            outputs[2].append(values[:, :-1])
+            outputs[3].append(mask)
+        logprobs, entropies, values, masks = (torch.cat(o) if o else None for o in outputs)
+        return logprobs, entropies, values, masks
+
+    def compute_rewards(self, scores, logprobs, ref_logprobs, masks):
+        """TRL's per-token rewards (the KL penalty, plus the score at each response's last token),
+        for the whole batch at once instead of row by row."""
+        if self.config.kl_penalty == "full":
+            return super().compute_rewards(scores, logprobs, ref_logprobs, masks)
+        kls = self._kl_penalty(logprobs, ref_logprobs)
+        non_score_rewards = -self.kl_ctl.value * kls
+        rewards = non_score_rewards.clone()
+        rewards[torch.arange(len(rewards), device=rewards.device), token_scores.last_positions(masks)] += scores
+        return rewards, non_score_rewards, kls
+
     def loss(self, old_logprobs, values, logits, vpreds, logprobs, mask, advantages, returns):
+        entropies = None
+        if logits.dim() == 2:  # _response_pass's entropies: TRL's own entropy of a one-token vocabulary is 0, cheaply
+            entropies, logits = logits, logits.new_zeros(logits.shape + (1,))
         pg_loss, vf_term, stats = super().loss(old_logprobs, values, logits, vpreds, logprobs, mask, advantages,
                                                returns)
+        if entropies is not None:
+            stats["policy/entropy"] = masked_mean(entropies, mask).detach()
         if not self.entropy_coef:
             return pg_loss, vf_term, stats
-        term = -self.entropy_coef * masked_mean(entropy_from_logits(logits), mask)
+        entropy = masked_mean(entropies if entropies is not None else entropy_from_logits(logits), mask)
+        term = -self.entropy_coef * entropy
         if masked_mean(torch.exp(logprobs - old_logprobs), mask).item() > self.config.ratio_threshold:
             term = term * 0.0  # TRL's ratio-threshold skip zeroes the whole loss, this term too
         stats["loss/entropy"] = term.detach()
         stats["loss/total"] = stats["loss/total"] + term.detach()
         return pg_loss + term, vf_term, stats
+
+
+@contextlib.contextmanager
+def _last_hidden(wrapper):
+    """A one-item list that the block's forward pass fills with the value head's input (the
+    last hidden state, (b, L, d))."""
+    seen: list[torch.Tensor] = []
+    handle = wrapper.v_head.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def _logits_from_last_hidden(model) -> bool:
+    """Whether `model`'s logits are exactly its LM head applied to the last hidden state, with
+    logits_to_keep accepted: what _PPOTrainer's response-only pass assumes. False for models that
+    scale or cap their logits after the head (Gemma 2, Cohere, Granite), or whose forward takes
+    no logits_to_keep."""
+    if is_encoder_decoder(model.pretrained_model):
+        return False
+    device = next(model.parameters()).device
+    ids = torch.arange(1, 6, device=device)[None] % model.pretrained_model.config.get_text_config().vocab_size
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _last_hidden(model) as hidden:
+            full, _, _ = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            last, _, _ = model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1)
+            head = model.pretrained_model.get_output_embeddings()
+            return (head is not None and last.shape[1] == 1
+                    and torch.equal(head(hidden[0].to(head.weight.device)).float(), full))
+    except (TypeError, ValueError, AttributeError):
+        return False
+    finally:
+        model.train(was_training)
 
 
 @contextlib.contextmanager
@@ -112,7 +203,7 @@ def _drop_empty_cache(module, args, kwargs):
 
 
 def make_trainer(recipe: Recipe, model, tokenizer, deepspeed=None) -> PPOTrainer:
-    """TRL's PPOTrainer (with the two changes of _PPOTrainer) and the recipe's PPO section passed
+    """TRL's PPOTrainer (with the changes of _PPOTrainer) and the recipe's PPO section passed
     through field for field.
 
     deepspeed: the plugin from distributed.deepspeed_plugin, when launched with DeepSpeed.
@@ -134,6 +225,7 @@ def make_trainer(recipe: Recipe, model, tokenizer, deepspeed=None) -> PPOTrainer
                        accelerator_kwargs={"deepspeed_plugin": deepspeed} if deepspeed else {})
     trainer = _PPOTrainer(config, model=model, ref_model=None, tokenizer=tokenizer)
     trainer.entropy_coef, trainer.checkpointing = entropy_coef, checkpointing
+    trainer.responses_only = _logits_from_last_hidden(trainer.accelerator.unwrap_model(trainer.model))
     # TRL keeps the trainable parameters as a one-shot filter(): max_grad_norm would clip
     # the first minibatch of the run and nothing after it
     trainer.model_params = [p for p in trainer.model.parameters() if p.requires_grad]
@@ -224,11 +316,62 @@ def _policy(trainer: PPOTrainer):
 
 
 def step_is_finite(trainer: PPOTrainer, stats: dict[str, float]) -> bool:
-    """False if the step produced a non-finite loss or left a non-finite trainable parameter."""
+    """False if the step produced a non-finite loss or left a non-finite trainable parameter.
+
+    One fused pass and one device sync: the largest magnitude over every trainable tensor is
+    finite exactly when all their elements are (a 2-norm could overflow on large finite ones).
+    """
     if not all(np.isfinite(v) for k, v in stats.items() if k.startswith("ppo/loss/")):
         return False
-    params = [p for p in trainer.model.parameters() if p.requires_grad]
-    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())  # one device sync, not one a tensor
+    params = [p.detach() for p in trainer.model.parameters() if p.requires_grad]
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(params, norm_type=float("inf"))))
+
+
+class Rollback:
+    """What a PPO step changes, copied before it, to put back if the step goes non-finite.
+
+    `take()` before the step, `restore()` to undo it. The trainable parameters and the
+    optimizer's state are copied into buffers allocated once and refilled in place, in one
+    fused copy per device and dtype; the rest (KL coefficient, LR schedule, reward moments)
+    is a few numbers. Before the optimizer has state (the first step) and under DeepSpeed,
+    whose optimizer keeps its own, it falls back to a full trainer_state copy.
+    """
+
+    def __init__(self, trainer: PPOTrainer):
+        self.trainer, self.buffers, self.full, self.small = trainer, None, None, None
+
+    def _tensors(self) -> list[torch.Tensor] | None:
+        params = [p for p in _policy(self.trainer).parameters() if p.requires_grad]
+        state = getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer).state  # under accelerate's wrapper
+        if _sharded(self.trainer) or any(p not in state for p in params):
+            return None
+        return [p.data for p in params] + [v for p in params for v in state[p].values() if isinstance(v, torch.Tensor)]
+
+    def take(self) -> None:
+        tensors = self._tensors()
+        self.full = trainer_state(self.trainer) if tensors is None else None
+        if tensors is None:
+            return
+        if self.buffers is None or [b.shape for b in self.buffers] != [t.shape for t in tensors]:
+            self.buffers = [t.detach().clone() for t in tensors]
+        else:
+            torch._foreach_copy_(self.buffers, tensors)
+        trainer = self.trainer
+        self.small = {"lr_scheduler": copy.deepcopy(trainer.lr_scheduler.state_dict()) if trainer.lr_scheduler else None,
+                      "kl_coef": float(trainer.kl_ctl.value),
+                      "running": {k: float(getattr(trainer.running, k)) for k in ("mean", "std", "var", "count")}}
+
+    def restore(self) -> None:
+        if self.full is not None:
+            load_trainer_state(self.trainer, self.full)
+            return
+        torch._foreach_copy_(self._tensors(), self.buffers)
+        trainer = self.trainer
+        if trainer.lr_scheduler is not None:
+            trainer.lr_scheduler.load_state_dict(self.small["lr_scheduler"])
+        trainer.kl_ctl.value = self.small["kl_coef"]
+        for key, value in self.small["running"].items():
+            setattr(trainer.running, key, value)
 
 
 # ---------------------------------------------------------------------------- stages before PPO

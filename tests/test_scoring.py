@@ -1,0 +1,165 @@
+"""PPO's scoring passes at the response tokens only (rlhf_recipes.token_scores, used by
+trl_backend's trainer) give what TRL's own full-vocabulary, every-position passes give: the
+same masks, log-probs, values and entropies, bit for bit, and a whole step the same statistics
+and the same trained weights."""
+import dataclasses
+
+import pytest
+import torch
+from trl import PPOTrainer
+from trl.core import entropy_from_logits
+
+from conftest import SMALL, local_overrides
+from rlhf_recipes import apply_overrides, load_recipe, token_scores, trl_backend
+from rlhf_recipes.policy import build_policy, load_tokenizer
+
+CPU = torch.device("cpu")
+
+
+def trl_masks(attention_mask, queries, responses):
+    """TRL 0.11.4's batched_forward_pass masks, by its own per-row loop."""
+    masks = torch.zeros_like(attention_mask)
+    masks[:, :-1] = attention_mask[:, 1:]
+    for j, (q, r) in enumerate(zip(queries, responses)):
+        start = len(q) - 1
+        if attention_mask[j, 0] == 0:
+            start += attention_mask[j, :].nonzero()[0]
+        masks[j, :start] = 0
+        masks[j, start + len(r):] = 0
+    return masks[:, :-1]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_response_mask_is_trls_without_the_loop(side):
+    g = torch.Generator().manual_seed(0)
+    queries = [torch.ones(int(n)) for n in torch.randint(1, 9, (16,), generator=g)]
+    responses = [torch.ones(int(n)) for n in torch.randint(1, 17, (16,), generator=g)]
+    width = max(len(q) + len(r) for q, r in zip(queries, responses)) + 2  # and a padding column everywhere
+    attention = torch.zeros(16, width, dtype=torch.long)
+    for j, (q, r) in enumerate(zip(queries, responses)):
+        n = len(q) + len(r)
+        attention[j, slice(0, n) if side == "right" else slice(width - n, width)] = 1
+    mask = token_scores.response_mask(attention, torch.tensor([len(q) for q in queries]),
+                                      torch.tensor([len(r) for r in responses]))
+    assert mask.dtype == attention.dtype and torch.equal(mask, trl_masks(attention, queries, responses))
+    assert torch.equal(token_scores.last_positions(mask), torch.tensor([int(m.nonzero()[-1]) for m in mask]))
+
+
+@pytest.fixture(scope="module")
+def recipe(tiny_dir):
+    return apply_overrides(load_recipe("imdb_positive"), [*local_overrides("imdb_positive", tiny_dir), *SMALL,
+                                                          "ppo.learning_rate=1e-2"])
+
+
+def ragged(n, seed=0):
+    """Queries and responses of different lengths, so that rows are padded differently."""
+    g = torch.Generator().manual_seed(seed)
+    queries = [torch.randint(1, 200, (int(k),), generator=g) for k in torch.randint(2, 9, (n,), generator=g)]
+    responses = [torch.randint(1, 200, (int(k),), generator=g) for k in torch.randint(1, 9, (n,), generator=g)]
+    return queries, responses
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt-neo", "gpt-neox", "llama"])
+def test_every_causal_architecture_scores_at_the_responses_alone(tiny_dir, recipe, arch):
+    recipe = dataclasses.replace(recipe, policy=dataclasses.replace(recipe.policy, model=str(tiny_dir / arch)))
+    torch.manual_seed(0)
+    policy = build_policy(recipe.policy, CPU)
+    trainer = trl_backend.make_trainer(recipe, policy, load_tokenizer("p", recipe.policy.model))
+    assert trainer.responses_only
+    queries, responses = ragged(8)
+    inputs = trainer.prepare_model_inputs(queries, responses)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            ours = trainer.batched_forward_pass(policy, queries, responses, inputs, return_logits=grad)
+            theirs = PPOTrainer.batched_forward_pass(trainer, policy, queries, responses, inputs, return_logits=grad)
+        logprobs, entropies, values, masks = ours
+        assert torch.equal(masks, theirs[3])
+        assert torch.equal(logprobs * masks, theirs[0] * masks)  # TRL's are not zero at prompt and padding
+        assert torch.equal(values, theirs[2])
+        if grad:
+            assert logprobs.requires_grad and values.requires_grad
+            assert torch.equal(entropies * masks, entropy_from_logits(theirs[1]).detach() * masks)
+            assert not entropies.requires_grad  # a statistic only, unless ppo.entropy_coef puts it in the loss
+        else:
+            assert entropies is None
+
+
+def test_a_model_whose_logits_are_not_its_head_of_the_last_hidden_state_keeps_trls_pass(recipe):
+    torch.manual_seed(0)
+    policy = build_policy(recipe.policy, CPU)
+    base = policy.pretrained_model.get_base_model()
+    # as Gemma 2's soft cap or Cohere's logit scale: the logits are changed after the head
+    handle = base.register_forward_hook(lambda m, a, out: out.__setitem__("logits", out["logits"] * 2) or out)
+    try:
+        trainer = trl_backend.make_trainer(recipe, policy, load_tokenizer("p", recipe.policy.model))
+        assert not trainer.responses_only
+        queries, responses = ragged(8)
+        stats = trl_backend.ppo_step(trainer, queries, responses, [float(i) for i in range(8)])
+        assert stats["objective/kl"] == 0.0
+    finally:
+        handle.remove()
+
+
+def test_a_step_gives_trls_statistics_and_weights_bit_for_bit(recipe):
+    """One PPO step (2 epochs x 2 minibatches) with the response-only passes and with TRL's,
+    from the same weights and seed: every statistic and every trained weight the same."""
+    results = []
+    for responses_only in (True, False):
+        torch.manual_seed(0)
+        policy = build_policy(recipe.policy, CPU)
+        trainer = trl_backend.make_trainer(recipe, policy, load_tokenizer("p", recipe.policy.model))
+        trainer.responses_only = responses_only
+        queries, responses = ragged(8, seed=1)
+        stats = [trl_backend.ppo_step(trainer, queries, responses, [float(i) - 3 for i in range(8)])
+                 for _ in range(2)]  # the second step starts from a moved policy: KL and ratios not trivial
+        params = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+        results.append((stats, params))
+    (ours, our_params), (theirs, their_params) = results
+    assert ours[1]["objective/kl"] != 0.0
+    assert {k: v for k, v in ours[1].items() if not k.startswith("time/")} == \
+        {k: v for k, v in theirs[1].items() if not k.startswith("time/")}
+    assert all(torch.equal(our_params[n], their_params[n]) for n in their_params)
+
+
+def test_rewards_for_the_batch_at_once_are_trls_row_by_row(recipe):
+    torch.manual_seed(0)
+    trainer = trl_backend.make_trainer(recipe, build_policy(recipe.policy, CPU), load_tokenizer("p", recipe.policy.model))
+    trainer.kl_ctl.value = 0.37
+    g = torch.Generator().manual_seed(2)
+    logprobs, ref = torch.randn(6, 11, generator=g), torch.randn(6, 11, generator=g)
+    masks = torch.zeros(6, 11, dtype=torch.long)
+    for j, (a, b) in enumerate([(0, 3), (2, 11), (5, 6), (1, 9), (10, 11), (0, 11)]):
+        masks[j, a:b] = 1
+    scores = torch.randn(6, generator=g)
+    for penalty in ("kl", "abs", "mse"):
+        trainer.config.kl_penalty = penalty
+        ours = trainer.compute_rewards(scores, logprobs, ref, masks)
+        theirs = PPOTrainer.compute_rewards(trainer, scores, logprobs, ref, masks)
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+def test_rollback_puts_back_everything_a_step_changes_and_the_check_sees_any_non_finite(recipe):
+    torch.manual_seed(0)
+    policy = build_policy(recipe.policy, CPU)
+    trainer = trl_backend.make_trainer(recipe, policy, load_tokenizer("p", recipe.policy.model))
+    rollback = trl_backend.Rollback(trainer)
+    queries, responses = ragged(8)
+    rewards = [float(i) for i in range(8)]
+    for step in range(3):  # the first from a full copy (no optimizer state yet), then in place
+        rollback.take()
+        before = trl_backend.trainer_state(trainer)
+        stats = trl_backend.ppo_step(trainer, queries, responses, rewards)
+        assert trl_backend.step_is_finite(trainer, stats)
+        rollback.restore()
+        after = trl_backend.trainer_state(trainer)
+        assert (rollback.full is None) == (step > 0)
+        assert all(torch.equal(before["params"][n], after["params"][n]) for n in before["params"])
+        for p, state in before["optimizer"]["state"].items():
+            assert all(torch.equal(v, after["optimizer"]["state"][p][k]) for k, v in state.items())
+        assert (before["kl_coef"], before["running"]) == (after["kl_coef"], after["running"])
+        trl_backend.ppo_step(trainer, queries, responses, rewards)  # and move on, so the next step has state
+    param = next(p for p in policy.parameters() if p.requires_grad)
+    for value, finite in ((1e30, True), (float("inf"), False), (float("nan"), False)):
+        with torch.no_grad():
+            param.view(-1)[0] = value
+        assert trl_backend.step_is_finite(trainer, stats) is finite
