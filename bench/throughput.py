@@ -27,7 +27,7 @@ from common import build_models, table, write_section
 from phases import ORDER, TRL_PHASES, profiled
 
 
-def recipe_for(paths: dict, args, out: Path, mini_batch: int):
+def recipe_for(paths: dict, args, out: Path, mini_batch: int, extra: tuple[str, ...] = ()):
     from rlhf_recipes import apply_overrides, load_recipe
 
     return apply_overrides(load_recipe("imdb_positive"), [
@@ -36,14 +36,14 @@ def recipe_for(paths: dict, args, out: Path, mini_batch: int):
         f"ppo.ppo_epochs={args.epochs}", f"generation.response_min_tokens={args.min_tokens}",
         f"generation.response_max_tokens={args.max_tokens}", "reward.batch_size=16", "eval.num_prompts=8",
         "eval.batch_size=8", f"run.steps={args.warmup + args.steps}", "run.sample_every=0",
-        f"run.checkpoint_every={args.warmup + args.steps}", f"run.output_dir={out}"])
+        f"run.checkpoint_every={args.warmup + args.steps}", f"run.output_dir={out}", *extra])
 
 
-def ours(paths: dict, args, mini_batch: int) -> list[dict]:
+def ours(paths: dict, args, mini_batch: int, extra: tuple[str, ...] = ()) -> list[dict]:
     from rlhf_recipes.training import train
 
     with tempfile.TemporaryDirectory() as tmp, profiled() as prof:
-        train(recipe_for(paths, args, Path(tmp) / "run", mini_batch))
+        train(recipe_for(paths, args, Path(tmp) / "run", mini_batch, extra))
     return prof.steps[args.warmup:]
 
 
@@ -113,16 +113,21 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--per-prompt", action="store_true", help="also TRL's example loop, one generate call a prompt")
     p.add_argument("--target", type=float, help="the whole-step ratio to meet, for the summary line")
+    p.add_argument("--also", action="append", default=[], metavar="OVERRIDE",
+                   help="also rlhf_recipes with this override (e.g. ppo.length_buckets=2); repeatable")
     args = p.parse_args()
     paths = build_models(args.shape)
     rows, profiles, ratios = [], {}, []
     for mini in (int(m) for m in args.mini_batch.split(",")):
         runs = {"rlhf_recipes": ours(paths, args, mini), "plain TRL, one generate call": plain(paths, args, mini, True)}
+        for override in args.also:
+            runs[f"rlhf_recipes, {override}"] = ours(paths, args, mini, (override,))
         if args.per_prompt:
             runs["plain TRL, per prompt"] = plain(paths, args, mini, False)
         base = median(runs["plain TRL, one generate call"], "wall")
         mine = median(runs["rlhf_recipes"], "wall")
-        ratios.append((mini, mine / base))
+        ratios += [(mini, name, median(steps, "wall") / base) for name, steps in runs.items()
+                   if name.startswith("rlhf_recipes")]
         for name, steps in runs.items():
             rows.append([str(mini), name, *(f"{median(steps, k):.3f}" for k in
                                             ("generate (all)", "reward", "TRL step (all)", "wall")),
@@ -137,8 +142,8 @@ def main() -> None:
             "The whole step is wall time from one step's prompt selection to the next's, everything included "
             "(for rlhf_recipes: decoding, the rollback snapshot, the finiteness check, logging, the display).\n\n"
             + table(rows, head) + "\n"
-            + "".join(f"- whole step, rlhf_recipes / plain, mini-batch {m}: **{r:.3f}**"
-                      + (f" (target: at most {args.target})" if args.target else "") + "\n" for m, r in ratios))
+            + "".join(f"- whole step, {name} / plain, mini-batch {m}: **{r:.3f}**"
+                      + (f" (target: at most {args.target})" if args.target else "") + "\n" for m, name, r in ratios))
     prof_rows = []
     for phase in ORDER + ["wall"]:
         row = [phase.replace("  ", "- ") if phase != "wall" else "**whole step**"]

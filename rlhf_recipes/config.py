@@ -199,9 +199,15 @@ class PPO(Section):
     score_clip: Optional[float] = None
     whiten_rewards: bool = False
     gradient_checkpointing: bool = False
+    length_buckets: int = 1
+    """Each scoring and minibatch pass runs as this many forward passes over rows of similar
+    length, each padded only to its own longest (not in TRL: added by rlhf_recipes). 1 is TRL's
+    one pass padded to the longest. More pays off where compute, not the number of calls,
+    limits a step (a 124M-parameter model on a CPU: 2 makes a step 10-14% faster), and changes
+    the log-probs in their last bits (about 1e-6), as kernels differ with the padded width."""
 
     def check(self) -> None:
-        _positive(self, "learning_rate", "batch_size", "mini_batch_size", "ppo_epochs",
+        _positive(self, "learning_rate", "batch_size", "mini_batch_size", "ppo_epochs", "length_buckets",
                   "gradient_accumulation_steps", "target", "horizon", "cliprange",
                   "cliprange_value", "max_grad_norm", "score_clip", "target_kl", "ratio_threshold")
         self.require(0 <= self.init_kl_coef < math.inf, "init_kl_coef", "must be finite and >= 0")

@@ -46,3 +46,8 @@ def last_positions(mask: torch.Tensor) -> torch.Tensor:
     """mask: (b, T), every row with a nonzero -> (b,): the index of each row's last nonzero."""
     return mask.shape[1] - 1 - mask.flip(1).argmax(dim=1)
 
+
+
+def widen(x: torch.Tensor, width: int) -> torch.Tensor:
+    """x: (b, w) -> (b, width), zeros on the right (x itself if it is that wide)."""
+    return x if x.shape[1] == width else F.pad(x, (0, width - x.shape[1]))

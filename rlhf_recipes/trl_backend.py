@@ -67,14 +67,17 @@ class _PPOTrainer(PPOTrainer):
     4. A causal policy's scoring passes apply the LM head, softmax and entropy at the response
        tokens only, not at every prompt and padding position (rlhf_recipes.token_scores), and
        the masks and per-token rewards are built without a loop over rows. The log-probs,
-       values and masks are TRL's, bit for bit on this CPU (tested); where the model's logits
-       are not its LM head of the last hidden state (checked once, in make_trainer), or for a
-       full-distribution KL penalty, TRL's own pass runs.
+       values, masks, statistics and updates are TRL's bit for bit on this CPU (tested); with
+       the entropy bonus in the loss, to the last bits (its gradient meets the LM head at fewer
+       rows). Where the model's logits are not its LM head of the last hidden state (checked
+       once, in make_trainer), or for a full-distribution KL penalty, TRL's own pass runs.
+       ppo.length_buckets > 1 also splits each pass by response length (see _response_pass).
     """
 
     entropy_coef: float = 0.0
     checkpointing: bool = False
     responses_only: bool = False
+    length_buckets: int = 1
 
     @PPODecorators.empty_device_cache()
     def batched_forward_pass(self, model, queries, responses, model_inputs, return_logits=False,
@@ -91,31 +94,53 @@ class _PPOTrainer(PPOTrainer):
 
     def _response_pass(self, model, queries, responses, model_inputs, return_logits):
         """batched_forward_pass's (logprobs, entropies or None, values, masks), each (b, L - 1);
-        in place of the logits, which TRL uses only for its entropy statistic, the entropies."""
+        in place of the logits, which TRL uses only for its entropy statistic, the entropies.
+        With ppo.length_buckets > 1, each chunk of mini_batch_size rows runs as that many passes
+        over rows of similar length, trimmed to their longest (right padding only: no position
+        ids are passed, so trimming on the left would move every token)."""
         model.eval()
         wrapper = self.accelerator.unwrap_model(model)
-        lm_head = wrapper.pretrained_model.get_output_embeddings()
         device = model_inputs["input_ids"].device
         query_lens = torch.tensor([len(q) for q in queries], device=device)
         response_lens = torch.tensor([len(r) for r in responses], device=device)
-        outputs: tuple[list, list, list, list] = ([], [], [], [])
-        for i in range(0, len(queries), self.config.mini_batch_size):
-            rows = slice(i, i + self.config.mini_batch_size)
-            inputs = {k: v[rows] for k, v in model_inputs.items()}
-            with _last_hidden(wrapper) as hidden:  # the value head's input: the LM head's too
-                _, _, values = model(**inputs, logits_to_keep=1)
-            mask = token_scores.response_mask(inputs["attention_mask"], query_lens[rows], response_lens[rows])
-            picked = mask.bool()
-            logits = lm_head(hidden[0][:, :-1][picked].to(lm_head.weight.device)).float()
-            logprobs = token_scores.token_logprobs(logits, inputs["input_ids"][:, 1:][picked])
-            outputs[0].append(token_scores.scatter(logprobs, mask))
-            if return_logits:  # only the statistic needs it, unless the entropy bonus is in the loss
-                with torch.set_grad_enabled(torch.is_grad_enabled() and bool(self.entropy_coef)):
-                    outputs[1].append(token_scores.scatter(token_scores.entropy(logits), mask))
-            outputs[2].append(values[:, :-1])
-            outputs[3].append(mask)
-        logprobs, entropies, values, masks = (torch.cat(o) if o else None for o in outputs)
-        return logprobs, entropies, values, masks
+        lengths = [len(q) + len(r) for q, r in zip(queries, responses)]
+        buckets = self.length_buckets
+        if buckets > 1 and not bool(model_inputs["attention_mask"][:, 0].all()):
+            buckets = 1
+        parts: list[tuple] = []
+        for start in range(0, len(queries), self.config.mini_batch_size):
+            if buckets == 1:  # TRL's chunk, as it is
+                rows = slice(start, start + self.config.mini_batch_size)
+                inputs = {key: value[rows] for key, value in model_inputs.items()}
+                parts.append(self._score(model, wrapper, inputs, query_lens[rows], response_lens[rows], return_logits))
+                continue
+            rows = sorted(range(start, min(start + self.config.mini_batch_size, len(queries))), key=lengths.__getitem__)
+            size = -(-len(rows) // buckets)
+            for k in range(0, len(rows), size):
+                group = torch.tensor(rows[k:k + size], device=device)
+                width = max(lengths[i] for i in rows[k:k + size])
+                inputs = {key: value[group, :width] for key, value in model_inputs.items()}
+                parts.append(self._score(model, wrapper, inputs, query_lens[group], response_lens[group],
+                                         return_logits) + (group,))
+        width = model_inputs["input_ids"].shape[1] - 1
+        order = torch.cat([part[4] for part in parts]).argsort() if buckets > 1 else slice(None)
+        return tuple(None if parts[0][n] is None else
+                     torch.cat([token_scores.widen(part[n], width) for part in parts])[order] for n in range(4))
+
+    def _score(self, model, wrapper, inputs, query_lens, response_lens, return_logits):
+        """One forward pass: (logprobs, entropies or None, values, masks), each (n, w - 1)."""
+        with _last_hidden(wrapper) as hidden:  # the value head's input: the LM head's too
+            _, _, values = model(**inputs, logits_to_keep=1)
+        mask = token_scores.response_mask(inputs["attention_mask"], query_lens, response_lens)
+        picked = mask.bool()
+        lm_head = wrapper.pretrained_model.get_output_embeddings()
+        logits = lm_head(hidden[0][:, :-1][picked].to(lm_head.weight.device)).float()
+        logprobs = token_scores.scatter(token_scores.token_logprobs(logits, inputs["input_ids"][:, 1:][picked]), mask)
+        entropies = None
+        if return_logits:  # only the statistic needs it, unless the entropy bonus is in the loss
+            with torch.set_grad_enabled(torch.is_grad_enabled() and bool(self.entropy_coef)):
+                entropies = token_scores.scatter(token_scores.entropy(logits), mask)
+        return logprobs, entropies, values[:, :-1], mask
 
     def compute_rewards(self, scores, logprobs, ref_logprobs, masks):
         """TRL's per-token rewards (the KL penalty, plus the score at each response's last token),
@@ -215,6 +240,7 @@ def make_trainer(recipe: Recipe, model, tokenizer, deepspeed=None) -> PPOTrainer
     deepspeed = distributed.live_deepspeed(deepspeed)
     fields = dataclasses.asdict(recipe.ppo)
     checkpointing, entropy_coef = fields.pop("gradient_checkpointing"), fields.pop("entropy_coef")
+    length_buckets = fields.pop("length_buckets")
     if checkpointing:
         model.pretrained_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # TRL's scoring passes need no KV cache (generation sets its own), and with one asked for,
@@ -224,7 +250,7 @@ def make_trainer(recipe: Recipe, model, tokenizer, deepspeed=None) -> PPOTrainer
                        steps=recipe.run.steps * recipe.ppo.batch_size, log_with=None,
                        accelerator_kwargs={"deepspeed_plugin": deepspeed} if deepspeed else {})
     trainer = _PPOTrainer(config, model=model, ref_model=None, tokenizer=tokenizer)
-    trainer.entropy_coef, trainer.checkpointing = entropy_coef, checkpointing
+    trainer.entropy_coef, trainer.checkpointing, trainer.length_buckets = entropy_coef, checkpointing, length_buckets
     trainer.responses_only = _logits_from_last_hidden(trainer.accelerator.unwrap_model(trainer.model))
     # TRL keeps the trainable parameters as a one-shot filter(): max_grad_norm would clip
     # the first minibatch of the run and nothing after it
