@@ -160,7 +160,7 @@ def test_sequence_log_probs_are_summed_in_float32_and_held_out_scoring_leaves_bc
 
     logits = torch.randn(2, 40, 50).to(torch.bfloat16)
     labels = torch.randint(0, 50, (2, 40))
-    logps, _ = trl_backend._DPOTrainer.get_batch_logps(logits, labels)
+    logps, _ = trl_backend.dpo._DPOTrainer.get_batch_logps(logits, labels)
     assert logps.dtype == torch.float32  # TRL's own would be bfloat16, rounded to whole nats here
     cfg = DPO(dataset="unused", learning_rate=1e-2, epochs=1.0, batch_size=2, beta=0.1, separator=" ",
               loss_type="bco_pair", max_length=32, max_prompt_length=8)
@@ -232,7 +232,7 @@ def test_non_finite_dpo_losses_are_skipped_and_stop_the_run_with_a_checkpoint(ti
                 loss = loss * float("nan")
         return loss, metrics
 
-    monkeypatch.setattr(trl_backend, "dpo_batch_loss", breaking)
+    monkeypatch.setattr(trl_backend.dpo, "dpo_batch_loss", breaking)  # where dpo_update calls it
     path = recipe_file(tmp_path, tiny_dir, prefs)
     assert main([path, "run.steps=10", "run.max_bad_batches=2", "run.checkpoint_every=1",
                  "run.keep_checkpoints=10"]) == 1

@@ -108,7 +108,7 @@ def test_lora_sft_merges_its_adapters_into_a_pretrained_base(tiny_dir, data, tmp
 
 def test_sft_batches_keep_eos_even_when_it_is_the_pad_token(tiny_dir):
     from rlhf_recipes.policy import load_tokenizer
-    from rlhf_recipes.trl_backend import _lm_batch
+    from rlhf_recipes.trl_backend.stages import _lm_batch
 
     tokenizer = load_tokenizer("policy.model", str(tiny_dir / "gpt2"))  # GPT-2: pad is eos
     rows = [tokenizer("a b" + tokenizer.eos_token), tokenizer("a b c d" + tokenizer.eos_token)]

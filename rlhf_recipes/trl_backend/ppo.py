@@ -1,0 +1,267 @@
+"""PPO through TRL 0.11.4's classic PPOTrainer: the value head on the policy's backbone, the
+trainer (with rlhf_recipes' changes to its step, see _PPOTrainer) and one step of it."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import numpy as np
+import torch
+from trl import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead, PPOConfig, PPOTrainer
+from trl.core import PPODecorators, entropy_from_logits, masked_mean
+
+from .. import distributed, token_scores
+from ..config import Recipe
+from ..seq2seq import is_encoder_decoder
+
+
+def with_value_head(adapted_model) -> AutoModelForCausalLMWithValueHead:
+    """Put TRL's value head on a PEFT-adapted causal LM (or seq2seq LM, reading the last decoder
+    hidden state), sharing its backbone.
+
+    TRL's own `from_pretrained` refuses any model whose device map mentions the CPU
+    (8-bit and 4-bit models on a CPU have one), so the wrapper is built directly and
+    the value head placed next to the weights, which works the same on CPU and CUDA.
+    """
+    wrapper = (AutoModelForSeq2SeqLMWithValueHead if is_encoder_decoder(adapted_model)
+               else AutoModelForCausalLMWithValueHead)
+    model = wrapper(adapted_model, summary_dropout_prob=0.0)
+    # tells PPOTrainer to use the adapters-off model as reference (built directly, TRL leaves it
+    # unset, and the seq2seq forward then fails: TRL #858)
+    model.is_peft_model = True
+    # TRL's forward always passes past_key_values=None, an argument transformers 5.x deprecates
+    adapted_model.register_forward_pre_hook(_drop_empty_cache, with_kwargs=True)
+    model.v_head.to(next(adapted_model.parameters()).device, torch.float32)
+    return model
+
+
+class _PPOTrainer(PPOTrainer):
+    """TRL's PPOTrainer with four changes to its step; the first two are off unless a recipe asks.
+
+    1. Gradient checkpointing that checkpoints. TRL's batched_forward_pass calls model.eval()
+       before every forward pass, the gradient-carrying one inside each minibatch included, and
+       transformers checkpoints only in train mode: with checkpointing on, that pass runs in
+       train mode here. Dropout is off in the policy (policy.lora_dropout must be 0), so train
+       mode changes nothing else, and the no-grad scoring passes stay in eval mode.
+    2. An entropy bonus: the loss becomes pg_loss + vf_coef * vf_loss - entropy_coef * entropy,
+       the entropy being the masked mean over response tokens that TRL computes for its
+       statistics and discards; `ppo/loss/entropy` logs the term as added to the total.
+    3. Encoder-decoder responses are scored from their first generated token. TRL masks it out
+       (start = 1 in batched_forward_pass), so that token was in neither the KL penalty nor the
+       policy loss, and a response of one token left nothing scored (a crash). On the seq2seq
+       quickstart that first token carried most of the KL: the controller saw 2 nats where the
+       policy had moved 13, lowered the coefficient and let the policy collapse.
+    4. A causal policy's scoring passes apply the LM head, softmax and entropy at the response
+       tokens only, not at every prompt and padding position (rlhf_recipes.token_scores), and
+       the masks and per-token rewards are built without a loop over rows. The log-probs,
+       values, masks, statistics and updates are TRL's bit for bit on this CPU (tested); with
+       the entropy bonus in the loss, to the last bits (its gradient meets the LM head at fewer
+       rows). Where the model's logits are not its LM head of the last hidden state (checked
+       once, in make_trainer), or for a full-distribution KL penalty, TRL's own pass runs.
+       ppo.length_buckets > 1 also splits each pass by response length (see _response_pass).
+    """
+
+    entropy_coef: float = 0.0
+    checkpointing: bool = False
+    responses_only: bool = False
+    length_buckets: int = 1
+
+    @PPODecorators.empty_device_cache()
+    def batched_forward_pass(self, model, queries, responses, model_inputs, return_logits=False,
+                             response_masks=None):
+        keep = _train_mode_kept(model) if self.checkpointing and torch.is_grad_enabled() else contextlib.nullcontext()
+        with keep:
+            if self.responses_only and response_masks is None and self.config.kl_penalty != "full":
+                return self._response_pass(model, queries, responses, model_inputs, return_logits)
+            logprobs, logits, values, masks = super().batched_forward_pass(
+                model, queries, responses, model_inputs, return_logits=return_logits, response_masks=response_masks)
+        if self.is_encoder_decoder:  # every decoder token after the start: logprobs[:, t] is token t + 1's
+            masks = model_inputs["decoder_attention_mask"][:, 1:].to(masks.dtype)
+        return logprobs, logits, values, masks
+
+    def _response_pass(self, model, queries, responses, model_inputs, return_logits):
+        """batched_forward_pass's (logprobs, entropies or None, values, masks), each (b, L - 1);
+        in place of the logits, which TRL uses only for its entropy statistic, the entropies.
+        With ppo.length_buckets > 1, each chunk of mini_batch_size rows runs as that many passes
+        over rows of similar length, trimmed to their longest (right padding only: no position
+        ids are passed, so trimming on the left would move every token)."""
+        model.eval()
+        wrapper = self.accelerator.unwrap_model(model)
+        device = model_inputs["input_ids"].device
+        query_lens = torch.tensor([len(q) for q in queries], device=device)
+        response_lens = torch.tensor([len(r) for r in responses], device=device)
+        lengths = [len(q) + len(r) for q, r in zip(queries, responses)]
+        buckets = self.length_buckets
+        if buckets > 1 and not bool(model_inputs["attention_mask"][:, 0].all()):
+            buckets = 1
+        parts: list[tuple] = []
+        for start in range(0, len(queries), self.config.mini_batch_size):
+            if buckets == 1:  # TRL's chunk, as it is
+                rows = slice(start, start + self.config.mini_batch_size)
+                inputs = {key: value[rows] for key, value in model_inputs.items()}
+                parts.append(self._score(model, wrapper, inputs, query_lens[rows], response_lens[rows], return_logits))
+                continue
+            rows = sorted(range(start, min(start + self.config.mini_batch_size, len(queries))), key=lengths.__getitem__)
+            size = -(-len(rows) // buckets)
+            for k in range(0, len(rows), size):
+                group = torch.tensor(rows[k:k + size], device=device)
+                width = max(lengths[i] for i in rows[k:k + size])
+                inputs = {key: value[group, :width] for key, value in model_inputs.items()}
+                parts.append(self._score(model, wrapper, inputs, query_lens[group], response_lens[group],
+                                         return_logits) + (group,))
+        width = model_inputs["input_ids"].shape[1] - 1
+        order = torch.cat([part[4] for part in parts]).argsort() if buckets > 1 else slice(None)
+        return tuple(None if parts[0][n] is None else
+                     torch.cat([token_scores.widen(part[n], width) for part in parts])[order] for n in range(4))
+
+    def _score(self, model, wrapper, inputs, query_lens, response_lens, return_logits):
+        """One forward pass: (logprobs, entropies or None, values, masks), each (n, w - 1)."""
+        with _last_hidden(wrapper) as hidden:  # the value head's input: the LM head's too
+            _, _, values = model(**inputs, logits_to_keep=1)
+        mask = token_scores.response_mask(inputs["attention_mask"], query_lens, response_lens)
+        picked = mask.bool()
+        lm_head = wrapper.pretrained_model.get_output_embeddings()
+        logits = lm_head(hidden[0][:, :-1][picked].to(lm_head.weight.device)).float()
+        logprobs = token_scores.scatter(token_scores.token_logprobs(logits, inputs["input_ids"][:, 1:][picked]), mask)
+        entropies = None
+        if return_logits:  # only the statistic needs it, unless the entropy bonus is in the loss
+            with torch.set_grad_enabled(torch.is_grad_enabled() and bool(self.entropy_coef)):
+                entropies = token_scores.scatter(token_scores.entropy(logits), mask)
+        return logprobs, entropies, values[:, :-1], mask
+
+    def compute_rewards(self, scores, logprobs, ref_logprobs, masks):
+        """TRL's per-token rewards (the KL penalty, plus the score at each response's last token),
+        for the whole batch at once instead of row by row."""
+        if self.config.kl_penalty == "full":
+            return super().compute_rewards(scores, logprobs, ref_logprobs, masks)
+        kls = self._kl_penalty(logprobs, ref_logprobs)
+        non_score_rewards = -self.kl_ctl.value * kls
+        rewards = non_score_rewards.clone()
+        rewards[torch.arange(len(rewards), device=rewards.device), token_scores.last_positions(masks)] += scores
+        return rewards, non_score_rewards, kls
+
+    def loss(self, old_logprobs, values, logits, vpreds, logprobs, mask, advantages, returns):
+        entropies = None
+        if logits.dim() == 2:  # _response_pass's entropies: TRL's own entropy of a one-token vocabulary is 0, cheaply
+            entropies, logits = logits, logits.new_zeros(logits.shape + (1,))
+        pg_loss, vf_term, stats = super().loss(old_logprobs, values, logits, vpreds, logprobs, mask, advantages,
+                                               returns)
+        if entropies is not None:
+            stats["policy/entropy"] = masked_mean(entropies, mask).detach()
+        if not self.entropy_coef:
+            return pg_loss, vf_term, stats
+        entropy = masked_mean(entropies if entropies is not None else entropy_from_logits(logits), mask)
+        term = -self.entropy_coef * entropy
+        if masked_mean(torch.exp(logprobs - old_logprobs), mask).item() > self.config.ratio_threshold:
+            term = term * 0.0  # TRL's ratio-threshold skip zeroes the whole loss, this term too
+        stats["loss/entropy"] = term.detach()
+        stats["loss/total"] = stats["loss/total"] + term.detach()
+        return pg_loss + term, vf_term, stats
+
+
+@contextlib.contextmanager
+def _last_hidden(wrapper):
+    """A one-item list that the block's forward pass fills with the value head's input (the
+    last hidden state, (b, L, d))."""
+    seen: list[torch.Tensor] = []
+    handle = wrapper.v_head.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def _logits_from_last_hidden(model) -> bool:
+    """Whether `model`'s logits are exactly its LM head applied to the last hidden state, with
+    logits_to_keep accepted: what _PPOTrainer's response-only pass assumes. False for models that
+    scale or cap their logits after the head (Gemma 2, Cohere, Granite), or whose forward takes
+    no logits_to_keep."""
+    if is_encoder_decoder(model.pretrained_model):
+        return False
+    device = next(model.parameters()).device
+    ids = torch.arange(1, 6, device=device)[None] % model.pretrained_model.config.get_text_config().vocab_size
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _last_hidden(model) as hidden:
+            full, _, _ = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            last, _, _ = model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1)
+            head = model.pretrained_model.get_output_embeddings()
+            return (head is not None and last.shape[1] == 1
+                    and torch.equal(head(hidden[0].to(head.weight.device)).float(), full))
+    except (TypeError, ValueError, AttributeError):
+        return False
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def _train_mode_kept(model):
+    """`model` in train mode, with its eval() a no-op until the block ends."""
+    was_training = model.training
+    model.train()
+    model.eval = lambda: model  # an instance attribute: shadows nn.Module.eval for this object only
+    try:
+        yield
+    finally:
+        del model.eval
+        model.train(was_training)
+
+
+def _drop_empty_cache(module, args, kwargs):
+    if "past_key_values" in kwargs and kwargs["past_key_values"] is None:
+        kwargs = {k: v for k, v in kwargs.items() if k != "past_key_values"}
+    return args, kwargs
+
+
+def make_trainer(recipe: Recipe, model, tokenizer, deepspeed=None) -> PPOTrainer:
+    """TRL's PPOTrainer (with the changes of _PPOTrainer) and the recipe's PPO section passed
+    through field for field.
+
+    deepspeed: the plugin from distributed.deepspeed_plugin, when launched with DeepSpeed.
+
+    Gradient checkpointing is switched on here, not by TRL: TRL turns on the reentrant kind,
+    which needs inputs that require grad and warns on every no-grad scoring pass; the
+    non-reentrant kind needs neither.
+    """
+    deepspeed = distributed.live_deepspeed(deepspeed)
+    fields = dataclasses.asdict(recipe.ppo)
+    checkpointing, entropy_coef = fields.pop("gradient_checkpointing"), fields.pop("entropy_coef")
+    length_buckets = fields.pop("length_buckets")
+    if checkpointing:
+        model.pretrained_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # TRL's scoring passes need no KV cache (generation sets its own), and with one asked for,
+        # every checkpointed pass logs that it is switched off
+        model.pretrained_model.config.use_cache = False
+    config = PPOConfig(**fields, gradient_checkpointing=False, seed=recipe.run.seed, exp_name=recipe.name,
+                       steps=recipe.run.steps * recipe.ppo.batch_size, log_with=None,
+                       accelerator_kwargs={"deepspeed_plugin": deepspeed} if deepspeed else {})
+    trainer = _PPOTrainer(config, model=model, ref_model=None, tokenizer=tokenizer)
+    trainer.entropy_coef, trainer.checkpointing, trainer.length_buckets = entropy_coef, checkpointing, length_buckets
+    trainer.responses_only = _logits_from_last_hidden(trainer.accelerator.unwrap_model(trainer.model))
+    # TRL keeps the trainable parameters as a one-shot filter(): max_grad_norm would clip
+    # the first minibatch of the run and nothing after it
+    trainer.model_params = [p for p in trainer.model.parameters() if p.requires_grad]
+    return trainer
+
+
+def ppo_step(trainer: PPOTrainer, queries: list[torch.Tensor], responses: list[torch.Tensor],
+             rewards: list[float]) -> dict[str, float]:
+    """One PPO update; returns TRL's scalar statistics under their own keys (objective/kl, ppo/loss/total, ...)."""
+    device = trainer.current_device
+    stats = trainer.step([q.to(device) for q in queries], [r.to(device) for r in responses],
+                         [torch.tensor(r, dtype=torch.float32, device=device) for r in rewards])
+    return {k: float(v) for k, v in stats.items() if np.ndim(v) == 0}
+
+
+
+def step_is_finite(trainer: PPOTrainer, stats: dict[str, float]) -> bool:
+    """False if the step produced a non-finite loss or left a non-finite trainable parameter.
+
+    One fused pass and one device sync: the largest magnitude over every trainable tensor is
+    finite exactly when all their elements are (a 2-norm could overflow on large finite ones).
+    """
+    if not all(np.isfinite(v) for k, v in stats.items() if k.startswith("ppo/loss/")):
+        return False
+    params = [p.detach() for p in trainer.model.parameters() if p.requires_grad]
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(params, norm_type=float("inf"))))
