@@ -100,6 +100,24 @@ def test_a_model_whose_logits_are_not_its_head_of_the_last_hidden_state_keeps_tr
         handle.remove()
 
 
+def test_a_model_that_fails_the_response_only_call_keeps_trls_pass(recipe):
+    torch.manual_seed(0)
+    policy = build_policy(recipe.policy, CPU)
+
+    def refuse(module, args, kwargs):  # as a remote-code forward that cannot take logits_to_keep
+        if "logits_to_keep" in kwargs:
+            raise RuntimeError("unexpected argument")
+
+    handle = policy.pretrained_model.get_base_model().register_forward_pre_hook(refuse, with_kwargs=True)
+    try:
+        trainer = trl_backend.make_trainer(recipe, policy, load_tokenizer("p", recipe.policy.model))
+        assert not trainer.responses_only
+        queries, responses = ragged(8)
+        assert trl_backend.ppo_step(trainer, queries, responses, [float(i) for i in range(8)])["objective/kl"] == 0.0
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize("entropy_coef", [0.0, 0.01])
 def test_a_step_gives_trls_statistics_and_weights_bit_for_bit(recipe, entropy_coef):
     """One PPO step (2 epochs x 2 minibatches) with the response-only passes and with TRL's,
@@ -144,6 +162,9 @@ def test_rewards_for_the_batch_at_once_are_trls_row_by_row(recipe):
         ours = trainer.compute_rewards(scores, logprobs, ref, masks)
         theirs = PPOTrainer.compute_rewards(trainer, scores, logprobs, ref, masks)
         assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    masks[2] = 0  # a response with nothing scored: its score would land nowhere
+    with pytest.raises(ValueError, match="no scored token"):
+        trainer.compute_rewards(scores, logprobs, ref, masks)
 
 
 def test_rollback_puts_back_everything_a_step_changes_and_the_check_sees_any_non_finite(recipe):

@@ -56,7 +56,9 @@ class _PPOTrainer(PPOTrainer):
        the masks and per-token rewards are built without a loop over rows. The log-probs,
        values, masks, statistics and updates are TRL's bit for bit on this CPU (tested); with
        the entropy bonus in the loss, to the last bits (its gradient meets the LM head at fewer
-       rows). Where the model's logits are not its LM head of the last hidden state (checked
+       rows). On a GPU the head's product over fewer rows may take another kernel: the last
+       bits may differ there too, but the policy's and the reference's passes stay alike, so
+       the KL is still exactly 0 before the first update. Where the model's logits are not its LM head of the last hidden state (checked
        once, in make_trainer), or for a full-distribution KL penalty, TRL's own pass runs.
        ppo.length_buckets > 1 also splits each pass by response length (see _response_pass).
     """
@@ -122,11 +124,12 @@ class _PPOTrainer(PPOTrainer):
         picked = mask.bool()
         lm_head = wrapper.pretrained_model.get_output_embeddings()
         logits = lm_head(hidden[0][:, :-1][picked].to(lm_head.weight.device)).float()
-        logprobs = token_scores.scatter(token_scores.token_logprobs(logits, inputs["input_ids"][:, 1:][picked]), mask)
+        labels = inputs["input_ids"][:, 1:][picked].to(logits.device)
+        logprobs = token_scores.scatter(token_scores.token_logprobs(logits, labels).to(mask.device), mask)
         entropies = None
         if return_logits:  # only the statistic needs it, unless the entropy bonus is in the loss
             with torch.set_grad_enabled(torch.is_grad_enabled() and bool(self.entropy_coef)):
-                entropies = token_scores.scatter(token_scores.entropy(logits), mask)
+                entropies = token_scores.scatter(token_scores.entropy(logits).to(mask.device), mask)
         return logprobs, entropies, values[:, :-1], mask
 
     def compute_rewards(self, scores, logprobs, ref_logprobs, masks):
@@ -134,6 +137,8 @@ class _PPOTrainer(PPOTrainer):
         for the whole batch at once instead of row by row."""
         if self.config.kl_penalty == "full":
             return super().compute_rewards(scores, logprobs, ref_logprobs, masks)
+        if not bool(masks.any(dim=1).all()):  # TRL's row loop fails on such a row; the score would be lost here
+            raise ValueError("a response has no scored token: every response needs at least one")
         kls = self._kl_penalty(logprobs, ref_logprobs)
         non_score_rewards = -self.kl_ctl.value * kls
         rewards = non_score_rewards.clone()
@@ -189,7 +194,7 @@ def _logits_from_last_hidden(model) -> bool:
             head = model.pretrained_model.get_output_embeddings()
             return (head is not None and last.shape[1] == 1
                     and torch.equal(head(hidden[0].to(head.weight.device)).float(), full))
-    except (TypeError, ValueError, AttributeError):
+    except Exception:  # noqa: BLE001 - any failure (a custom forward, a dtype or device mismatch): TRL's pass
         return False
     finally:
         model.train(was_training)
@@ -258,10 +263,11 @@ def ppo_step(trainer: PPOTrainer, queries: list[torch.Tensor], responses: list[t
 def step_is_finite(trainer: PPOTrainer, stats: dict[str, float]) -> bool:
     """False if the step produced a non-finite loss or left a non-finite trainable parameter.
 
-    One fused pass and one device sync: the largest magnitude over every trainable tensor is
-    finite exactly when all their elements are (a 2-norm could overflow on large finite ones).
+    A few fused passes and one device sync: 0 * x is 0 for a finite x and NaN otherwise, and
+    the sum of those magnitudes is NaN exactly when some element is not finite, whatever a
+    max-norm kernel does with NaN, and without the overflow a 2-norm of large values risks.
     """
     if not all(np.isfinite(v) for k, v in stats.items() if k.startswith("ppo/loss/")):
         return False
-    params = [p.detach() for p in trainer.model.parameters() if p.requires_grad]
-    return bool(torch.isfinite(torch.nn.utils.get_total_norm(params, norm_type=float("inf"))))
+    zeros = torch._foreach_mul([p.detach() for p in trainer.model.parameters() if p.requires_grad], 0.0)
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(zeros, norm_type=1.0)))

@@ -89,10 +89,11 @@ class Rollback:
     """What a PPO step changes, copied before it, to put back if the step goes non-finite.
 
     `take()` before the step, `restore()` to undo it. The trainable parameters and the
-    optimizer's state are copied into buffers allocated once and refilled in place, in one
-    fused copy per device and dtype; the rest (KL coefficient, LR schedule, reward moments)
-    is a few numbers. Before the optimizer has state (the first step) and under DeepSpeed,
-    whose optimizer keeps its own, it falls back to a full trainer_state copy.
+    optimizer's state are copied into buffers allocated once and refilled in place (a foreach
+    copy, not an allocation per tensor); the rest (learning rates, KL coefficient, LR
+    schedule, reward moments) is a few numbers. Before the optimizer has state (the first
+    step), for state that is not all tensors (an optimizer keeping an int step count), and
+    under DeepSpeed, whose optimizer keeps its own, it falls back to a full trainer_state copy.
     """
 
     def __init__(self, trainer: PPOTrainer):
@@ -103,7 +104,9 @@ class Rollback:
         state = getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer).state  # under accelerate's wrapper
         if _sharded(self.trainer) or any(p not in state for p in params):
             return None
-        return [p.data for p in params] + [v for p in params for v in state[p].values() if isinstance(v, torch.Tensor)]
+        if not all(isinstance(v, torch.Tensor) for p in params for v in state[p].values()):
+            return None
+        return [p.data for p in params] + [v for p in params for v in state[p].values()]
 
     def take(self) -> None:
         tensors = self._tensors()
@@ -115,7 +118,8 @@ class Rollback:
         else:
             torch._foreach_copy_(self.buffers, tensors)
         trainer = self.trainer
-        self.small = {"lr_scheduler": copy.deepcopy(trainer.lr_scheduler.state_dict()) if trainer.lr_scheduler else None,
+        self.small = {"lr": [group["lr"] for group in trainer.optimizer.param_groups],
+                      "lr_scheduler": copy.deepcopy(trainer.lr_scheduler.state_dict()) if trainer.lr_scheduler else None,
                       "kl_coef": float(trainer.kl_ctl.value),
                       "running": {k: float(getattr(trainer.running, k)) for k in ("mean", "std", "var", "count")}}
 
@@ -125,6 +129,8 @@ class Rollback:
             return
         torch._foreach_copy_(self._tensors(), self.buffers)
         trainer = self.trainer
+        for group, lr in zip(trainer.optimizer.param_groups, self.small["lr"]):
+            group["lr"] = lr
         if trainer.lr_scheduler is not None:
             trainer.lr_scheduler.load_state_dict(self.small["lr_scheduler"])
         trainer.kl_ctl.value = self.small["kl_coef"]
