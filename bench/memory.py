@@ -38,9 +38,8 @@ def one(config: str, shape: str, batch: int) -> dict:
 
     device = PartialState().device
     paths = build_models(shape)
-    args = argparse.Namespace(batch=batch, mini_batch=batch // 4, epochs=1, min_tokens=16, max_tokens=16,
-                              warmup=0, steps=1)
-    recipe = recipe_for(paths, args, "unused")
+    args = argparse.Namespace(batch=batch, epochs=1, min_tokens=16, max_tokens=16, warmup=0, steps=1)
+    recipe = recipe_for(paths, args, "unused", mini_batch=batch // 4)
     tokenizer = load_tokenizer("policy.model", str(paths["policy"]))
     queries = [torch.randint(1, 500, (8,)) for _ in range(batch)]
     before = _rss_mb()

@@ -21,9 +21,9 @@ LENGTHS = [16, 32, 64, 128]
 
 
 def step_time(paths: dict, shape_args, batch: int, length: int) -> float:
-    args = argparse.Namespace(batch=batch, mini_batch=min(batch, 16), epochs=shape_args.epochs, min_tokens=length,
-                              max_tokens=length, steps=shape_args.steps, warmup=1)
-    return statistics.median(sum(s.values()) for s in ours(paths, args))
+    args = argparse.Namespace(batch=batch, epochs=shape_args.epochs, min_tokens=length, max_tokens=length,
+                              steps=shape_args.steps, warmup=1)
+    return statistics.median(s["wall"] for s in ours(paths, args, min(batch, 16)))
 
 
 def exponent(xs: list[int], ys: list[float]) -> float:
