@@ -203,8 +203,9 @@ class PPO(Section):
     """Each scoring and minibatch pass runs as this many forward passes over rows of similar
     length, each padded only to its own longest (not in TRL: added by rlhf_recipes). 1 is TRL's
     one pass padded to the longest. More pays off where compute, not the number of calls,
-    limits a step (a 124M-parameter model on a CPU: 2 makes a step 10-14% faster), and changes
-    the log-probs in their last bits (about 1e-6), as kernels differ with the padded width."""
+    limits a pass: on a 2-core CPU, 2 made GPT-2 small's step 25% faster with mini-batch 64,
+    2% with 16, and the tiny shape's 28% slower with 16 (bench/RESULTS.md). It changes the
+    log-probs in their last bits (about 1e-6), as kernels differ with the padded width."""
 
     def check(self) -> None:
         _positive(self, "learning_rate", "batch_size", "mini_batch_size", "ppo_epochs", "length_buckets",

@@ -67,9 +67,9 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
         console.print(f"prompts: {prompts.duplicates} queries repeated an earlier one token for token and were "
                       "dropped, so no held-out prompt is also a training prompt", soft_wrap=True)
     if not (trainer.responses_only or encoder_decoder):
-        console.print("note: this policy's logits are not its LM head applied to its last hidden state (a logit "
-                      "scale or soft cap, say), so PPO scores every position with TRL's full pass, which is slower",
-                      soft_wrap=True)
+        console.print("note: PPO scores every position with TRL's full pass, which is slower: this policy's "
+                      "logits are not its LM head applied to its last hidden state (a logit scale or soft cap, say), "
+                      "or its forward takes no logits_to_keep", soft_wrap=True)
     for level, text in startup.notices(recipe, processes, device):
         console.print(f"[yellow]warning:[/] {escape(text)}" if level == "warning" else f"note: {escape(text)}",
                       soft_wrap=True)

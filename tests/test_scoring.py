@@ -60,12 +60,17 @@ def ragged(n, seed=0):
     return queries, responses
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gpt-neo", "gpt-neox", "llama"])
-def test_every_causal_architecture_scores_at_the_responses_alone(tiny_dir, recipe, arch):
-    recipe = dataclasses.replace(recipe, policy=dataclasses.replace(recipe.policy, model=str(tiny_dir / arch)))
+@pytest.mark.parametrize("arch,dtype", [("gpt2", "float32"), ("gpt2", "bfloat16"), ("gpt-neo", "float32"),
+                                        ("gpt-neox", "float32"), ("llama", "float32")])
+def test_every_causal_architecture_scores_at_the_responses_alone(tiny_dir, recipe, arch, dtype):
+    """bfloat16, as on a GPU: the head runs in it and only its output is upcast, as in TRL."""
+    recipe = dataclasses.replace(recipe, policy=dataclasses.replace(recipe.policy, model=str(tiny_dir / arch),
+                                                                    dtype=dtype))
     torch.manual_seed(0)
     policy = build_policy(recipe.policy, CPU)
+    modes = [m.training for m in policy.modules()]
     trainer = trl_backend.make_trainer(recipe, policy, load_tokenizer("p", recipe.policy.model))
+    assert [m.training for m in policy.modules()] == modes  # the probe's passes leave every module as it was
     base = policy.pretrained_model.get_base_model()
     if "logits_to_keep" not in inspect.signature(type(base).forward).parameters:  # GPT-Neo on transformers 4.57
         assert not trainer.responses_only  # it would compute every position's logits anyway: TRL's pass
@@ -135,10 +140,15 @@ def test_a_step_gives_trls_statistics_and_weights_bit_for_bit(recipe, entropy_co
         policy = build_policy(recipe.policy, CPU)
         trainer = trl_backend.make_trainer(recipe, policy, load_tokenizer("p", recipe.policy.model))
         trainer.responses_only = responses_only
+        passes = []  # so that the comparison cannot pass with the response-only pass never run
+        real_pass = trainer._response_pass
+        trainer._response_pass = lambda *a, **k: passes.append(1) or real_pass(*a, **k)
         queries, responses = ragged(8, seed=1)
         stats = [trl_backend.ppo_step(trainer, queries, responses, [float(i) - 3 for i in range(8)])
                  for _ in range(2)]  # the second step starts from a moved policy: KL and ratios not trivial
         params = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+        # per step: 2 scoring passes and 2 epochs x 2 minibatches
+        assert len(passes) == (12 if responses_only else 0)
         results.append((stats, params))
     (ours, our_params), (theirs, their_params) = results
     assert ours[1]["objective/kl"] != 0.0

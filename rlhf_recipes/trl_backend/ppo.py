@@ -58,8 +58,9 @@ class _PPOTrainer(PPOTrainer):
        the entropy bonus in the loss, to the last bits (its gradient meets the LM head at fewer
        rows). On a GPU the head's product over fewer rows may take another kernel: the last
        bits may differ there too, but the policy's and the reference's passes stay alike, so
-       the KL is still exactly 0 before the first update. Where the model's logits are not its LM head of the last hidden state (checked
-       once, in make_trainer), or for a full-distribution KL penalty, TRL's own pass runs.
+       the KL is still exactly 0 before the first update. Where the model's logits are not its
+       LM head of the last hidden state, or its forward takes no logits_to_keep (checked once,
+       in make_trainer), or for a full-distribution KL penalty, TRL's own pass runs.
        ppo.length_buckets > 1 also splits each pass by response length (see _response_pass).
     """
 
@@ -185,7 +186,7 @@ def _logits_from_last_hidden(model) -> bool:
         return False
     device = next(model.parameters()).device
     ids = torch.arange(1, 6, device=device)[None] % model.pretrained_model.config.get_text_config().vocab_size
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each module's own: the base loads in eval mode
     model.eval()
     try:
         with torch.no_grad(), _last_hidden(model) as hidden:
@@ -197,7 +198,8 @@ def _logits_from_last_hidden(model) -> bool:
     except Exception:  # noqa: BLE001 - any failure (a custom forward, a dtype or device mismatch): TRL's pass
         return False
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 @contextlib.contextmanager
