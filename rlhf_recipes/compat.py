@@ -79,6 +79,15 @@ class TokenizerArgument(transformers.Trainer):
         self.processing_class = value
 
 
+def enable_checkpointing(model) -> None:
+    """Non-reentrant gradient checkpointing on `model` (a PEFT model passes the call on to its
+    base): 5.25 renamed the switch to activation_checkpointing_enable, and the old name warns."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 @contextlib.contextmanager
 def no_progress_bars():
     """Hide transformers' and the hub's loading and saving bars (5.x draws one per model load),

@@ -27,6 +27,9 @@ _LOG_MESSAGES = {  # logger name -> substrings of records to drop
     # the SFT and reward-model stages: a default the config leaves unset, and a FLOPs estimate we never read
     "transformers.modeling_utils": ["was set in the config but it is unrecognized",
                                     "Could not estimate the number of tokens of the input"],
+    # transformers 5.25 brings the `kernels` package, through which importing bitsandbytes on a CPU
+    # with AVX512-BF16 looks for a Hub kernel; offline, it says at every start that it skips a check
+    "kernels._internals.hf_hub": ["Skipping publisher trust check"],
 }
 
 

@@ -10,7 +10,7 @@ import torch
 from trl import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead, PPOConfig, PPOTrainer
 from trl.core import PPODecorators, entropy_from_logits, masked_mean
 
-from .. import distributed, token_scores
+from .. import compat, distributed, token_scores
 from ..config import Recipe
 from ..seq2seq import is_encoder_decoder
 
@@ -236,7 +236,7 @@ def make_trainer(recipe: Recipe, model, tokenizer, deepspeed=None) -> PPOTrainer
     checkpointing, entropy_coef = fields.pop("gradient_checkpointing"), fields.pop("entropy_coef")
     length_buckets = fields.pop("length_buckets")
     if checkpointing:
-        model.pretrained_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        compat.enable_checkpointing(model.pretrained_model)
         # TRL's scoring passes need no KV cache (generation sets its own), and with one asked for,
         # every checkpointed pass logs that it is switched off
         model.pretrained_model.config.use_cache = False
