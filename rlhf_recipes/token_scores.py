@@ -50,3 +50,34 @@ def last_positions(mask: torch.Tensor) -> torch.Tensor:
 def widen(x: torch.Tensor, width: int) -> torch.Tensor:
     """x: (b, w) -> (b, width), zeros on the right (x itself if it is that wide)."""
     return x if x.shape[1] == width else F.pad(x, (0, width - x.shape[1]))
+
+
+def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, lengths: list[int],
+         capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded rows laid end to end in k = ceil(total / capacity) rows (capacity at least the
+    longest), each sequence at positions 0, 1, ... of its own. The longest sequence goes first,
+    each to the emptiest row, so the k rows come out about equally full: a few tokens past a
+    multiple of the capacity cost a few columns, not a whole row.
+
+    input_ids, attention_mask: (n, w), each row's lengths[j] tokens contiguous, padded on either
+    side -> packed (k, W), position_ids (k, W) and index (n, w): packed.view(-1)[index[j, t]] is
+    input_ids[j, t] wherever attention_mask[j, t] is 1 (elsewhere index points at some token). A
+    packed row's columns after its last sequence hold token 0 at position 0, each a sequence of
+    one, so that no sequence sees them (transformers' packed-sequence mask starts a new sequence
+    wherever a position is not its predecessor's plus one).
+    """
+    fill = [0] * -(-sum(lengths) // max(capacity, max(lengths)))  # tokens placed in each packed row
+    starts = [(0, 0)] * len(lengths)
+    for j in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        row = min(range(len(fill)), key=fill.__getitem__)
+        starts[j], fill[row] = (row, fill[row]), fill[row] + lengths[j]
+    width, device = max(fill), input_ids.device
+    t = torch.arange(input_ids.shape[1], device=device)
+    position = t - attention_mask.argmax(dim=1, keepdim=True)  # a token's place in its own sequence
+    offsets = torch.tensor([row * width + column for row, column in starts], device=device)
+    index = (offsets[:, None] + position).clamp(0, len(fill) * width - 1)
+    real = attention_mask.bool()
+    packed, positions = input_ids.new_zeros(len(fill) * width), t.new_zeros(len(fill) * width)
+    packed[index[real]] = input_ids[real]
+    positions[index[real]] = position[real]
+    return packed.view(len(fill), width), positions.view(len(fill), width), index

@@ -11,6 +11,7 @@ from trl import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValu
 from trl.core import PPODecorators, entropy_from_logits, masked_mean
 
 from .. import compat, distributed, token_scores
+from .probes import last_hidden, logits_from_last_hidden, packed_forward, packs_rows
 from ..config import Recipe
 from ..seq2seq import is_encoder_decoder
 
@@ -36,7 +37,7 @@ def with_value_head(adapted_model) -> AutoModelForCausalLMWithValueHead:
 
 
 class _PPOTrainer(PPOTrainer):
-    """TRL's PPOTrainer with four changes to its step; the first two are off unless a recipe asks.
+    """TRL's PPOTrainer with five changes to its step; the first two are off unless a recipe asks.
 
     1. Gradient checkpointing that checkpoints. TRL's batched_forward_pass calls model.eval()
        before every forward pass, the gradient-carrying one inside each minibatch included, and
@@ -62,12 +63,18 @@ class _PPOTrainer(PPOTrainer):
        LM head of the last hidden state, or its forward takes no logits_to_keep (checked once,
        in make_trainer), or for a full-distribution KL penalty, TRL's own pass runs.
        ppo.length_buckets > 1 also splits each pass by response length (see _response_pass).
+    5. Those passes lay their rows end to end (ppo.pack_rows, on unless a recipe says false):
+       no padding is computed, and each sequence has positions of its own. Where the start-up
+       check (probes.packs_rows) finds that the model lets packed rows see each other, they pad
+       as TRL does. The numbers move in their last bits, the policy's and reference's alike.
     """
 
     entropy_coef: float = 0.0
     checkpointing: bool = False
     responses_only: bool = False
     length_buckets: int = 1
+    pack_rows: bool = False
+    pack_width: int = 0
 
     @PPODecorators.empty_device_cache()
     def batched_forward_pass(self, model, queries, responses, model_inputs, return_logits=False,
@@ -85,16 +92,17 @@ class _PPOTrainer(PPOTrainer):
     def _response_pass(self, model, queries, responses, model_inputs, return_logits):
         """batched_forward_pass's (logprobs, entropies or None, values, masks), each (b, L - 1);
         in place of the logits, which TRL uses only for its entropy statistic, the entropies.
-        With ppo.length_buckets > 1, each chunk of mini_batch_size rows runs as that many passes
-        over rows of similar length, trimmed to their longest (right padding only: no position
-        ids are passed, so trimming on the left would move every token)."""
+        With ppo.pack_rows, each chunk of mini_batch_size rows runs packed (token_scores.pack).
+        With ppo.length_buckets > 1, each chunk runs as that many passes over rows of similar
+        length, trimmed to their longest (right padding only: no position ids are passed, so
+        trimming on the left would move every token)."""
         model.eval()
         wrapper = self.accelerator.unwrap_model(model)
         device = model_inputs["input_ids"].device
         query_lens = torch.tensor([len(q) for q in queries], device=device)
         response_lens = torch.tensor([len(r) for r in responses], device=device)
         lengths = [len(q) + len(r) for q, r in zip(queries, responses)]
-        buckets = self.length_buckets
+        buckets = 1 if self.pack_rows else self.length_buckets
         if buckets > 1 and not bool(model_inputs["attention_mask"][:, 0].all()):
             buckets = 1
         parts: list[tuple] = []
@@ -102,7 +110,8 @@ class _PPOTrainer(PPOTrainer):
             if buckets == 1:  # TRL's chunk, as it is
                 rows = slice(start, start + self.config.mini_batch_size)
                 inputs = {key: value[rows] for key, value in model_inputs.items()}
-                parts.append(self._score(model, wrapper, inputs, query_lens[rows], response_lens[rows], return_logits))
+                parts.append(self._score(model, wrapper, inputs, query_lens[rows], response_lens[rows], return_logits,
+                                         lengths[rows] if self.pack_rows else None))
                 continue
             rows = sorted(range(start, min(start + self.config.mini_batch_size, len(queries))), key=lengths.__getitem__)
             size = -(-len(rows) // buckets)
@@ -117,21 +126,29 @@ class _PPOTrainer(PPOTrainer):
         return tuple(None if parts[0][n] is None else
                      torch.cat([token_scores.widen(part[n], width) for part in parts])[order] for n in range(4))
 
-    def _score(self, model, wrapper, inputs, query_lens, response_lens, return_logits):
-        """One forward pass: (logprobs, entropies or None, values, masks), each (n, w - 1)."""
-        with _last_hidden(wrapper) as hidden:  # the value head's input: the LM head's too
-            _, _, values = model(**inputs, logits_to_keep=1)
+    def _score(self, model, wrapper, inputs, query_lens, response_lens, return_logits, packed_lengths=None):
+        """One forward pass: (logprobs, entropies or None, values, masks), each (n, w - 1). Given
+        each row's length (ppo.pack_rows), over the rows laid end to end (token_scores.pack)."""
         mask = token_scores.response_mask(inputs["attention_mask"], query_lens, response_lens)
         picked = mask.bool()
+        with last_hidden(wrapper) as hidden:  # the value head's input: the LM head's too
+            if packed_lengths is None:
+                _, _, values = model(**inputs, logits_to_keep=1)
+                values, states = values[:, :-1], hidden[0][:, :-1][picked]
+            else:
+                capacity = self.pack_width or inputs["input_ids"].shape[1]
+                (_, _, values), index = packed_forward(model, inputs, packed_lengths, capacity)
+                index = index[:, :-1]  # masked positions of values point at some other token's value
+                values, states = values.flatten()[index], hidden[0].flatten(0, 1)[index[picked]]
         lm_head = wrapper.pretrained_model.get_output_embeddings()
-        logits = lm_head(hidden[0][:, :-1][picked].to(lm_head.weight.device)).float()
+        logits = lm_head(states.to(lm_head.weight.device)).float()
         labels = inputs["input_ids"][:, 1:][picked].to(logits.device)
         logprobs = token_scores.scatter(token_scores.token_logprobs(logits, labels).to(mask.device), mask)
         entropies = None
         if return_logits:  # only the statistic needs it, unless the entropy bonus is in the loss
             with torch.set_grad_enabled(torch.is_grad_enabled() and bool(self.entropy_coef)):
                 entropies = token_scores.scatter(token_scores.entropy(logits).to(mask.device), mask)
-        return logprobs, entropies, values[:, :-1], mask
+        return logprobs, entropies, values, mask
 
     def compute_rewards(self, scores, logprobs, ref_logprobs, masks):
         """TRL's per-token rewards (the KL penalty, plus the score at each response's last token),
@@ -166,43 +183,6 @@ class _PPOTrainer(PPOTrainer):
 
 
 @contextlib.contextmanager
-def _last_hidden(wrapper):
-    """A one-item list that the block's forward pass fills with the value head's input (the
-    last hidden state, (b, L, d))."""
-    seen: list[torch.Tensor] = []
-    handle = wrapper.v_head.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
-    try:
-        yield seen
-    finally:
-        handle.remove()
-
-
-def _logits_from_last_hidden(model) -> bool:
-    """Whether `model`'s logits are exactly its LM head applied to the last hidden state, with
-    logits_to_keep accepted: what _PPOTrainer's response-only pass assumes. False for models that
-    scale or cap their logits after the head (Gemma 2, Cohere, Granite), or whose forward takes
-    no logits_to_keep."""
-    if is_encoder_decoder(model.pretrained_model):
-        return False
-    device = next(model.parameters()).device
-    ids = torch.arange(1, 6, device=device)[None] % model.pretrained_model.config.get_text_config().vocab_size
-    modes = [(m, m.training) for m in model.modules()]  # each module's own: the base loads in eval mode
-    model.eval()
-    try:
-        with torch.no_grad(), _last_hidden(model) as hidden:
-            full, _, _ = model(input_ids=ids, attention_mask=torch.ones_like(ids))
-            last, _, _ = model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1)
-            head = model.pretrained_model.get_output_embeddings()
-            return (head is not None and last.shape[1] == 1
-                    and torch.equal(head(hidden[0].to(head.weight.device)).float(), full))
-    except Exception:  # noqa: BLE001 - any failure (a custom forward, a dtype or device mismatch): TRL's pass
-        return False
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
-@contextlib.contextmanager
 def _train_mode_kept(model):
     """`model` in train mode, with its eval() a no-op until the block ends."""
     was_training = model.training
@@ -234,7 +214,7 @@ def make_trainer(recipe: Recipe, model, tokenizer, deepspeed=None) -> PPOTrainer
     deepspeed = distributed.live_deepspeed(deepspeed)
     fields = dataclasses.asdict(recipe.ppo)
     checkpointing, entropy_coef = fields.pop("gradient_checkpointing"), fields.pop("entropy_coef")
-    length_buckets = fields.pop("length_buckets")
+    length_buckets, pack_rows = fields.pop("length_buckets"), fields.pop("pack_rows")
     if checkpointing:
         compat.enable_checkpointing(model.pretrained_model)
         # TRL's scoring passes need no KV cache (generation sets its own), and with one asked for,
@@ -245,7 +225,16 @@ def make_trainer(recipe: Recipe, model, tokenizer, deepspeed=None) -> PPOTrainer
                        accelerator_kwargs={"deepspeed_plugin": deepspeed} if deepspeed else {})
     trainer = _PPOTrainer(config, model=model, ref_model=None, tokenizer=tokenizer)
     trainer.entropy_coef, trainer.checkpointing, trainer.length_buckets = entropy_coef, checkpointing, length_buckets
-    trainer.responses_only = _logits_from_last_hidden(trainer.accelerator.unwrap_model(trainer.model))
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    # every process passes the same way, even where one's kernels answered a probe otherwise
+    trainer.responses_only = not distributed.any_process(not logits_from_last_hidden(unwrapped))
+    trainer.pack_rows = pack_rows and trainer.responses_only and not distributed.any_process(not packs_rows(unwrapped))
+    text = unwrapped.pretrained_model.config.get_text_config()
+    # attention over a packed row of C tokens costs about C / 6d of the linear layers' time at
+    # width d: rows up to d / 3 wide keep it near 5% (and never shorter than the longest sequence).
+    # Eager attention also keeps each row's C x C scores for the backward pass: there, rows no
+    # wider than TRL's padded ones (0: the pass's own padded width)
+    trainer.pack_width = 0 if getattr(text, "_attn_implementation", None) == "eager" else text.hidden_size // 3
     # TRL keeps the trainable parameters as a one-shot filter(): max_grad_norm would clip
     # the first minibatch of the run and nothing after it
     trainer.model_params = [p for p in trainer.model.parameters() if p.requires_grad]
