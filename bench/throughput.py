@@ -1,8 +1,8 @@
 """PPO step time of rlhf_recipes against the hand-written TRL 0.11.4 loop, as whole-step wall
 time (from one step's prompt selection to the next's) and phase by phase, with the ratios.
 
-    python bench/throughput.py --shape tiny --batch 64 --mini-batch 64,16 --steps 20 --warmup 3
-    python bench/throughput.py --shape gpt2-small --batch 64 --mini-batch 64,16 --steps 3 --warmup 1
+    python bench/throughput.py --shape tiny --batch 64 --mini-batch 64,16 --steps 10 --warmup 3 --rounds 3
+    python bench/throughput.py --shape gpt2-small --batch 64 --mini-batch 64,16 --steps 2 --warmup 1 --rounds 3
 
 The plain loop is written the way TRL's gpt2-sentiment example is (a LoRA policy with a
 value head, the reference by switching adapters off, a text-classification pipeline with
@@ -111,19 +111,28 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--steps", type=int, default=5, help="measured steps, after the warm-up")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every loop this many times, each round in a rotated order, and pool the steps")
     p.add_argument("--per-prompt", action="store_true", help="also TRL's example loop, one generate call a prompt")
     p.add_argument("--target", type=float, help="the whole-step ratio to meet, for the summary line")
     p.add_argument("--also", action="append", default=[], metavar="OVERRIDE",
-                   help="also rlhf_recipes with this override (e.g. ppo.length_buckets=2); repeatable")
+                   help="also rlhf_recipes with this override (e.g. ppo.pack_rows=false); repeatable")
     args = p.parse_args()
     paths = build_models(args.shape)
     rows, profiles, ratios = [], {}, []
     for mini in (int(m) for m in args.mini_batch.split(",")):
-        runs = {"rlhf_recipes": ours(paths, args, mini), "plain TRL, one generate call": plain(paths, args, mini, True)}
+        loops = {"rlhf_recipes": lambda: ours(paths, args, mini),
+                 "plain TRL, one generate call": lambda: plain(paths, args, mini, True)}
         for override in args.also:
-            runs[f"rlhf_recipes, {override}"] = ours(paths, args, mini, (override,))
+            loops[f"rlhf_recipes, {override}"] = lambda override=override: ours(paths, args, mini, (override,))
         if args.per_prompt:
-            runs["plain TRL, per prompt"] = plain(paths, args, mini, False)
+            loops["plain TRL, per prompt"] = lambda: plain(paths, args, mini, False)
+        names, runs = list(loops), {name: [] for name in loops}
+        # a shared machine drifts within minutes, and a process's first run is slower: each round
+        # starts with another loop, so that no loop always goes first
+        for r in range(args.rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                runs[name] += loops[name]()
         base = median(runs["plain TRL, one generate call"], "wall")
         mine = median(runs["rlhf_recipes"], "wall")
         ratios += [(mini, name, median(steps, "wall") / base) for name, steps in runs.items()
@@ -138,7 +147,9 @@ def main() -> None:
         profiles[mini] = runs
     head = ["mini-batch", "loop", "generate", "reward", "TRL step", "whole step", "/ plain", "mean whole step"]
     body = (f"Shape {args.shape}, batch {args.batch}, {args.epochs} PPO epochs, responses of {args.min_tokens}-"
-            f"{args.max_tokens} tokens; medians of {args.steps} steps after {args.warmup} warm-up, in seconds. "
+            f"{args.max_tokens} tokens; medians of {args.steps} steps after {args.warmup} warm-up"
+            + (f", pooled over {args.rounds} rounds, each starting with another loop" if args.rounds > 1 else "")
+            + ", in seconds. "
             "The whole step is wall time from one step's prompt selection to the next's, everything included "
             "(for rlhf_recipes: decoding, the rollback snapshot, the finiteness check, logging, the display).\n\n"
             + table(rows, head) + "\n"

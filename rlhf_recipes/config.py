@@ -209,14 +209,14 @@ class PPO(Section):
     pack_rows: bool = True
     """Each scoring and minibatch pass lays its rows end to end, each sequence at positions 0, 1,
     ... of its own, so that no padding is computed (not in TRL: added by rlhf_recipes). Prompts
-    of 2-8 tokens and responses of 4-16 padded to the longest are about 37% padding: on a 2-core
-    CPU, packing made GPT-2 small's step 16% faster with mini-batch 16 and the tiny shape's 12%
-    (bench/RESULTS.md). Used only where a start-up check finds that the model keeps packed rows
-    apart (transformers' packed-sequence masks, from the position ids: GPT-2, GPT-NeoX, Llama and
-    most others; GPT-Neo on transformers 5); otherwise, and for encoder-decoders, the run pads as
-    TRL does. The log-probs move in their last bits (about 1e-6, as kernels differ with the
+    of 2-8 tokens and responses of 4-16 padded to the longest are over a third padding: on a
+    2-core CPU, packing made GPT-2 small's whole step 24% faster with mini-batch 64 and 20% with
+    16, the tiny shape's 4-6% (bench/RESULTS.md). Used only where a start-up check finds that
+    the model keeps packed rows apart (transformers' packed-sequence masks, from the position
+    ids: GPT-2, GPT-NeoX, Llama and most others; GPT-Neo on transformers 5); otherwise, and for
+    encoder-decoders, the run pads as TRL does. The log-probs move in their last bits (about 1e-6, as kernels differ with the
     shapes), the policy's and the reference's alike: the KL is still exactly 0 before the first
-    update, and a seed still gives the same run. false gives TRL's numbers bit for bit."""
+    update, and a seed still gives the same run. false gives TRL's scoring passes bit for bit."""
 
     def check(self) -> None:
         _positive(self, "learning_rate", "batch_size", "mini_batch_size", "ppo_epochs", "length_buckets",

@@ -54,12 +54,11 @@ class _PPOTrainer(PPOTrainer):
        policy had moved 13, lowered the coefficient and let the policy collapse.
     4. A causal policy's scoring passes apply the LM head, softmax and entropy at the response
        tokens only, not at every prompt and padding position (rlhf_recipes.token_scores), and
-       the masks and per-token rewards are built without a loop over rows. The log-probs,
-       values, masks, statistics and updates are TRL's bit for bit on this CPU (tested); with
-       the entropy bonus in the loss, to the last bits (its gradient meets the LM head at fewer
-       rows). On a GPU the head's product over fewer rows may take another kernel: the last
-       bits may differ there too, but the policy's and the reference's passes stay alike, so
-       the KL is still exactly 0 before the first update. Where the model's logits are not its
+       the masks and per-token rewards are built without a loop over rows. Unpacked (5), each
+       pass's log-probs, values and masks are TRL's bit for bit (tested); a step's statistics
+       and updates agree to the last bits, as the gradient sums over fewer rows round otherwise
+       on some CPUs (an AMD EPYC; not the Intel Xeon) and may on a GPU. The policy's and the
+       reference's passes stay alike, so the KL is still exactly 0 before the first update. Where the model's logits are not its
        LM head of the last hidden state, or its forward takes no logits_to_keep (checked once,
        in make_trainer), or for a full-distribution KL penalty, TRL's own pass runs.
        ppo.length_buckets > 1 also splits each pass by response length (see _response_pass).
