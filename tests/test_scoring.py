@@ -61,6 +61,16 @@ def ragged(n, seed=0):
     return queries, responses
 
 
+def forward_shapes(trainer, policy, queries, responses, inputs, **kwargs):
+    """batched_forward_pass's result, and the (rows, width) of each model call it made."""
+    shapes = []
+    handle = policy.v_head.register_forward_pre_hook(lambda m, args: shapes.append(args[0].shape[:2]))
+    try:
+        return trainer.batched_forward_pass(policy, queries, responses, inputs, **kwargs), shapes
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize("arch,dtype", [("gpt2", "float32"), ("gpt2", "bfloat16"), ("gpt-neo", "float32"),
                                         ("gpt-neox", "float32"), ("llama", "float32")])
 def test_every_causal_architecture_scores_at_the_responses_alone(tiny_dir, recipe, arch, dtype):
@@ -215,13 +225,8 @@ def test_length_buckets_score_rows_of_similar_length_together_and_agree_with_trl
     trainer = trl_backend.make_trainer(bucketed, policy, load_tokenizer("p", recipe.policy.model))
     queries, responses = ragged(8, seed=3)
     inputs = trainer.prepare_model_inputs(queries, responses)
-    widths = []
-    handle = policy.v_head.register_forward_pre_hook(lambda m, args: widths.append(args[0].shape[:2]))
-    try:
-        with torch.no_grad():
-            ours = trainer.batched_forward_pass(policy, queries, responses, inputs)
-    finally:
-        handle.remove()
+    with torch.no_grad():
+        ours, widths = forward_shapes(trainer, policy, queries, responses, inputs)
     theirs = PPOTrainer.batched_forward_pass(trainer, policy, queries, responses, inputs)
     # 2 chunks of mini_batch_size 4, each as 2 passes of 2 rows, the shorter ones trimmed
     lengths = sorted([len(q) + len(r) for q, r in zip(queries[:4], responses[:4])])
@@ -279,12 +284,7 @@ def test_packed_rows_score_as_trls_padded_ones(tiny_dir, recipe, arch, dtype):
     assert trainer.pack_rows
     queries, responses = ragged(8, seed=5)
     inputs = trainer.prepare_model_inputs(queries, responses)
-    shapes = []
-    handle = policy.v_head.register_forward_pre_hook(lambda m, args: shapes.append(args[0].shape[:2]))
-    try:
-        ours = trainer.batched_forward_pass(policy, queries, responses, inputs, return_logits=True)
-    finally:
-        handle.remove()
+    ours, shapes = forward_shapes(trainer, policy, queries, responses, inputs, return_logits=True)
     theirs = PPOTrainer.batched_forward_pass(trainer, policy, queries, responses, inputs, return_logits=True)
     lengths = [len(q) + len(r) for q, r in zip(queries, responses)]
     assert shapes[0].numel() < inputs["input_ids"].numel() and shapes[0][1] >= max(lengths)  # packed, none cut
@@ -338,12 +338,7 @@ def test_eager_attention_packs_rows_no_wider_than_trls_padded_ones(tiny_dir, rec
     assert trainer.pack_width == 0
     queries, responses = ragged(8, seed=6)
     inputs = trainer.prepare_model_inputs(queries, responses)
-    shapes = []
-    handle = policy.v_head.register_forward_pre_hook(lambda m, args: shapes.append(args[0].shape[:2]))
-    try:
-        with torch.no_grad():
-            trainer.batched_forward_pass(policy, queries, responses, inputs)
-    finally:
-        handle.remove()
+    with torch.no_grad():
+        _, shapes = forward_shapes(trainer, policy, queries, responses, inputs)
     width = inputs["input_ids"].shape[1]
     assert shapes[0][0] > 1 and shapes[0][1] < 2 * width and shapes[0].numel() < inputs["input_ids"].numel()
