@@ -140,7 +140,7 @@ def test_a_model_that_fails_the_response_only_call_keeps_trls_pass(recipe):
 
 
 @pytest.mark.parametrize("entropy_coef", [0.0, 0.01])
-def test_a_step_gives_trls_statistics_and_weights_bit_for_bit(recipe, entropy_coef):
+def test_a_step_gives_trls_statistics_and_weights_to_the_last_bits(recipe, entropy_coef):
     """One PPO step (2 epochs x 2 minibatches) with the response-only passes and with TRL's,
     from the same weights and seed: every statistic and every trained weight the same to the
     last bits. (Bit for bit on the Intel CPU where this was written; on an AMD EPYC the gradient
@@ -283,6 +283,10 @@ def test_packed_rows_score_as_trls_padded_ones(tiny_dir, recipe, arch, dtype):
         return
     assert trainer.pack_rows
     queries, responses = ragged(8, seed=5)
+    # as real rollouts: GPT-2's pad id is its eos, which a response ends with and a prompt may start with;
+    # packing must go by the attention mask, not by the token ids
+    pad = trainer.tokenizer.pad_token_id
+    responses[0][-1], responses[3][0], queries[1][0] = pad, pad, pad
     inputs = trainer.prepare_model_inputs(queries, responses)
     ours, shapes = forward_shapes(trainer, policy, queries, responses, inputs, return_logits=True)
     theirs = PPOTrainer.batched_forward_pass(trainer, policy, queries, responses, inputs, return_logits=True)
@@ -333,9 +337,9 @@ def test_eager_attention_packs_rows_no_wider_than_trls_padded_ones(tiny_dir, rec
     torch.manual_seed(0)
     policy = build_policy(recipe.policy, CPU)
     trainer = trl_backend.make_trainer(recipe, policy, load_tokenizer("p", recipe.policy.model))
-    if not trainer.pack_rows:  # transformers 4.57's GPT-Neo builds its own mask
+    assert trainer.pack_width == 0  # eager attention seen: rows as wide as the pass's padded ones
+    if not trainer.pack_rows:  # transformers 4.57's GPT-Neo builds its own mask: it pads
         return
-    assert trainer.pack_width == 0
     queries, responses = ragged(8, seed=6)
     inputs = trainer.prepare_model_inputs(queries, responses)
     with torch.no_grad():

@@ -68,7 +68,7 @@ def packs_rows(model) -> bool:
     where packed sequences see each other (a model that ignores position_ids, or builds its own
     causal mask without them) or their positions are not their own; also if the call fails."""
     lengths = [5, 3, 5, 3]
-    mask = torch.tensor([[1] * n + [0] * (5 - n) for n in lengths], device=_probe_ids(model, 1).device)
+    mask = torch.tensor([[1] * n + [0] * (5 - n) for n in lengths], device=next(model.parameters()).device)
 
     def rows(shift: int) -> torch.Tensor:  # the 5-token rows move with shift, the 3-token ones stay
         return torch.cat([torch.nn.functional.pad(_probe_ids(model, n, start + shift * (n == 5)), (0, 5 - n))
