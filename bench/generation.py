@@ -7,7 +7,7 @@ Each decoding step of a batch must read every weight the forward pass uses at le
 so with B sequences tokens/s <= B x bandwidth / weight bytes. The bandwidth is measured
 here with a large copy on the device (read + write), and the weight bytes are those of the
 policy's parameters, less an untied input embedding (a lookup reads B rows of it). The
-ratio says how much of the hardware rlhf_recipes' sampling (rlhf_recipes.rollout.generate,
+ratio says how much of the hardware rlhf_recipes' sampling (rlhf_recipes.components.rollout.generate,
 the policy with its LoRA adapters, fixed-length responses) uses.
 """
 from __future__ import annotations
@@ -70,8 +70,8 @@ def main() -> None:
     from accelerate import PartialState
 
     from rlhf_recipes import load_recipe
-    from rlhf_recipes.policy import build_policy, load_tokenizer
-    from rlhf_recipes.rollout import generate
+    from rlhf_recipes.components.policy import build_policy, load_tokenizer
+    from rlhf_recipes.components.rollout import generate
 
     device = PartialState().device
     paths = build_models(args.shape)

@@ -30,8 +30,8 @@ def one(shape: str) -> dict:
     import torch
 
     from rlhf_recipes import load_recipe, trl_backend
-    from rlhf_recipes.policy import build_policy, load_tokenizer
-    from rlhf_recipes.rollout import generate
+    from rlhf_recipes.components.policy import build_policy, load_tokenizer
+    from rlhf_recipes.components.rollout import generate
 
     paths = build_models(shape)
     torch.cuda.empty_cache()

@@ -32,8 +32,8 @@ def one(config: str, shape: str, batch: int) -> dict:
     from accelerate import PartialState
 
     from rlhf_recipes import trl_backend
-    from rlhf_recipes.policy import build_policy, load_tokenizer
-    from rlhf_recipes.rollout import generate
+    from rlhf_recipes.components.policy import build_policy, load_tokenizer
+    from rlhf_recipes.components.rollout import generate
     from throughput import recipe_for
 
     device = PartialState().device

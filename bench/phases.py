@@ -17,19 +17,19 @@ import functools
 import time
 
 # (phase, module path, attribute): the loop's own references, so that wrapping them changes
-# nothing else; generation's inner parts are patched in rlhf_recipes.rollout, which calls them
+# nothing else; generation's inner parts are patched in rlhf_recipes.components.rollout, which calls them
 PATCHED = (
-    ("prompt selection", "rlhf_recipes.training", "batch_indices"),
-    ("generate (all)", "rlhf_recipes.training", "generate"),
-    ("  padding", "rlhf_recipes.rollout", "pad_batch"),
-    ("  cutting", "rlhf_recipes.rollout", "cut_response"),
-    ("decoding", "rlhf_recipes.training", "decode_pairs"),
-    ("reward", "rlhf_recipes.training", "reward_inputs"),  # wraps the call: reward_fn(reward_inputs(...)) below
+    ("prompt selection", "rlhf_recipes.loops.training", "batch_indices"),
+    ("generate (all)", "rlhf_recipes.loops.training", "generate"),
+    ("  padding", "rlhf_recipes.components.rollout", "pad_batch"),
+    ("  cutting", "rlhf_recipes.components.rollout", "cut_response"),
+    ("decoding", "rlhf_recipes.loops.training", "decode_pairs"),
+    ("reward", "rlhf_recipes.loops.training", "reward_inputs"),  # wraps the call: reward_fn(reward_inputs(...)) below
     ("rollback snapshot", "rlhf_recipes.trl_backend", "Rollback.take"),
     ("TRL step (all)", "rlhf_recipes.trl_backend", "ppo_step"),
     ("finiteness check", "rlhf_recipes.trl_backend", "step_is_finite"),
-    ("logging and display", "rlhf_recipes.training", "record_step"),
-    ("checkpoint check", "rlhf_recipes.training", "checkpoint_or_stop"),
+    ("logging and display", "rlhf_recipes.loops.training", "record_step"),
+    ("checkpoint check", "rlhf_recipes.loops.training", "checkpoint_or_stop"),
 )
 TRL_PHASES = {"time/ppo/forward_pass": "  TRL: policy and reference scoring",
               "time/ppo/compute_rewards": "  TRL: rewards (KL penalty)",
@@ -81,7 +81,7 @@ def profiled():
 
     from trl import AutoModelForCausalLMWithValueHead
 
-    from rlhf_recipes import session
+    from rlhf_recipes.loops import session
 
     prof = Profile()
     saved = []

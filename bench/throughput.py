@@ -40,7 +40,7 @@ def recipe_for(paths: dict, args, out: Path, mini_batch: int, extra: tuple[str, 
 
 
 def ours(paths: dict, args, mini_batch: int, extra: tuple[str, ...] = ()) -> list[dict]:
-    from rlhf_recipes.training import train
+    from rlhf_recipes.loops.training import train
 
     with tempfile.TemporaryDirectory() as tmp, profiled() as prof:
         train(recipe_for(paths, args, Path(tmp) / "run", mini_batch, extra))
@@ -53,7 +53,7 @@ def plain(paths: dict, args, mini_batch: int, batched: bool) -> list[dict]:
     from transformers import AutoTokenizer, pipeline, set_seed
     from trl import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
 
-    from rlhf_recipes.data import batch_indices, load_prompts
+    from rlhf_recipes.components.data import batch_indices, load_prompts
 
     recipe = recipe_for(paths, args, Path("unused"), mini_batch)
     tokenizer = AutoTokenizer.from_pretrained(str(paths["policy"]))

@@ -2,10 +2,21 @@
 
 A recipe is a short Python file that builds one `Recipe`; `train(recipe)` runs it.
 Importing this package is cheap: torch and TRL load only when training starts.
+
+The top level holds what a user runs (`python -m rlhf_recipes.run`, .evaluation, .sample,
+.export, .interpret, .frontier, .tiny, .corpus) and this API; the code sits in config/ (the
+recipe), components/ (what a recipe builds), loops/ (PPO, DPO, the stages before them),
+runtime/ (the machinery of a run), reporting/ (what a run shows and writes) and trl_backend/.
 """
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+import warnings
+
 from . import quiet
 from .config import DPO, PPO, SFT, Eval, Generation, Policy, Prompts, Recipe, RecipeError, Reward, RewardModel, Run
-from .recipe import apply_overrides, load_recipe, shipped_recipes
+from .config.recipe import apply_overrides, load_recipe, shipped_recipes
 
 quiet.install()
 
@@ -14,12 +25,49 @@ __all__ = ["DPO", "PPO", "SFT", "Eval", "Generation", "Policy", "Prompts", "Reci
 __version__ = "0.1.0"
 
 
+# Where the modules of the flat layout (up to 0.1.0) went: their old names still import, with a
+# DeprecationWarning, so that projects importing building blocks (rlhf_recipes.policy) keep working.
+MOVED = {name: f"{package}.{name}" for package, names in {
+    "components": ("compat", "data", "loading", "policy", "reward", "rollout", "seq2seq", "token_scores"),
+    "loops": ("dpo", "session", "stages", "training"),
+    "runtime": ("checkpoint", "distributed", "rundir", "startup", "stopping"),
+    "reporting": ("console", "interpret_plots", "metrics", "report", "trackers"),
+    "config": ("section", "recipe")}.items() for name in names}
+MOVED["config_stages"] = "config.stages"
+
+
+def _moved(name: str):
+    warnings.warn(f"rlhf_recipes.{name} is now rlhf_recipes.{MOVED[name]}; the old name goes in a later release",
+                  DeprecationWarning, stacklevel=3)
+    return importlib.import_module(f"{__name__}.{MOVED[name]}")
+
+
+class _MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """`import rlhf_recipes.policy` gives the module at its new place (the same module object)."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        package, _, name = fullname.rpartition(".")
+        return importlib.util.spec_from_loader(fullname, self) if package == __name__ and name in MOVED else None
+
+    def create_module(self, spec):
+        return _moved(spec.name.rpartition(".")[2])
+
+    def exec_module(self, module):
+        pass
+
+
+if not any(isinstance(finder, _MovedFinder) for finder in sys.meta_path):
+    sys.meta_path.append(_MovedFinder())
+
+
 def __getattr__(name: str):
     # lazy: pulls in torch, transformers and TRL. The loop lives in `training`, not in a
     # submodule named `train`, whose import would rebind this package's `train` to the module
     if name == "train":
-        from .training import train
+        from .loops.training import train
 
         globals()["train"] = train
         return train
+    if name in MOVED:
+        return _moved(name)
     raise AttributeError(f"module 'rlhf_recipes' has no attribute {name!r}")

@@ -21,19 +21,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed, stages
-from .checkpoint import latest
-from .config import SECTIONS, Recipe, RecipeError
-from .console import StepDisplay
-from .metrics import distinct_n, masked_mean, sequence_kl, summarize, token_entropy, token_logprobs, win_rate
-from .policy import build_policy, load_tokenizer
-from .recipe import apply_overrides, resolve_callable
-from .report import summary_line, write_report
-from .reward import build_reward, reward_inputs
-from .rollout import decode_pairs, evaluating, generate, pad_batch
+from .components.policy import build_policy, load_tokenizer
+from .components.reward import build_reward, reward_inputs
+from .components.rollout import decode_pairs, evaluating, generate, pad_batch
+from .components.seq2seq import is_encoder_decoder
+from .config.recipe import apply_overrides, resolve_callable
+from .config.sections import SECTIONS, Recipe, RecipeError
+from .loops import stages
+from .reporting.console import StepDisplay
+from .reporting.metrics import distinct_n, masked_mean, sequence_kl, summarize, token_entropy, token_logprobs, win_rate
+from .reporting.report import summary_line, write_report
 from .run import OneLineParser
-from .seq2seq import is_encoder_decoder
-from .rundir import EVAL, HELDOUT, MODEL, RECIPE, load_policy_weights, read_heldout, read_metrics
+from .runtime import distributed
+from .runtime.checkpoint import latest
+from .runtime.rundir import EVAL, HELDOUT, MODEL, RECIPE, load_policy_weights, read_heldout, read_metrics
 
 KL_AT_START_TOLERANCE = 1e-6
 

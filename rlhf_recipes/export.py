@@ -17,12 +17,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from .components.loading import load_pretrained
+from .components.policy import DTYPES, load_tokenizer, quantization_config
+from .components.rollout import sampling_config
+from .config.sections import RecipeError
 from .run import OneLineParser
-from .config import RecipeError
-from .loading import load_pretrained
-from .policy import DTYPES, load_tokenizer, quantization_config
-from .rollout import sampling_config
-from .rundir import MODEL, RECIPE, atomic_dir
+from .runtime.rundir import MODEL, RECIPE, atomic_dir
 
 
 def export(run_dir: str | Path, out_dir: str | Path, dtype: str | None = None) -> Path:

@@ -32,14 +32,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Recipe, RecipeError
-from .console import console
-from .loading import first_line
-from .metrics import best_of_n_kl, expected_best_of, summarize
-from .recipe import apply_overrides, load_recipe
-from .rundir import EVAL, RECIPE, STAGES, check_same_recipe
+from .components.loading import first_line
+from .config.recipe import apply_overrides, load_recipe
+from .config.sections import Recipe, RecipeError
+from .reporting.console import console
+from .reporting.metrics import best_of_n_kl, expected_best_of, summarize
 from .run import OneLineParser
-from .stopping import RunStopped
+from .runtime.rundir import EVAL, RECIPE, STAGES, check_same_recipe
+from .runtime.stopping import RunStopped
 
 FRONTIER, FIGURE = "frontier.json", "frontier.png"
 
@@ -77,7 +77,7 @@ def plan(out: Path, sweeps: list[list[str]], common: list[str]) -> list[Point]:
 
 def run_point(point: Point, shared_stages: Path) -> str:
     """Train the point, or reuse or resume its run: 'reused', 'trained', 'resumed' or 'failed: why'."""
-    from .training import train
+    from .loops.training import train
 
     out = point.out
     if (out / RECIPE).is_file():
@@ -115,11 +115,11 @@ def best_of_n(run_dir: Path, ns: list[int]) -> list[dict]:
     import torch
 
     from .evaluation import load_run
-    from .recipe import resolve_callable
-    from .reward import build_reward, reward_inputs
-    from .rollout import decode_pairs, evaluating, generate
-    from .rundir import read_heldout
-    from .seq2seq import is_encoder_decoder
+    from .config.recipe import resolve_callable
+    from .components.reward import build_reward, reward_inputs
+    from .components.rollout import decode_pairs, evaluating, generate
+    from .runtime.rundir import read_heldout
+    from .components.seq2seq import is_encoder_decoder
 
     run = load_run(run_dir, weights=False)  # fresh adapters: the reference
     recipe, ev, gen = run.recipe, run.recipe.eval, run.recipe.generation

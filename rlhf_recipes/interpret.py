@@ -31,13 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Generation, RecipeError
-from .console import StepDisplay
+from .components.rollout import evaluating, generate, pad_batch
+from .components.seq2seq import is_encoder_decoder
+from .config.sections import Generation, RecipeError
 from .evaluation import scoring_inputs
-from .rollout import evaluating, generate, pad_batch
+from .reporting.console import StepDisplay
+from .reporting.report import KEPT
 from .run import OneLineParser
-from .report import KEPT
-from .seq2seq import is_encoder_decoder
 
 # Module paths inside the transformers model (the same on 4.57 and 5.x; under PEFT these modules
 # are the LoRA wrappers, whose forward includes the adapter). The embeddings are not named: the
@@ -429,8 +429,8 @@ def _record(tokenizer, base, queries, shift, at_end, skip, direction, caps, dec,
 def interpret_run(run_dir: str | Path, overrides: list[str] | None = None, **options) -> dict:
     """analyse() a finished run on its held-out prompts; writes interpret/ and the report's section."""
     from .evaluation import load_run
-    from .interpret_plots import markdown, plot_all, replace_section
-    from .rundir import REPORT, read_heldout, write_atomic
+    from .reporting.interpret_plots import markdown, plot_all, replace_section
+    from .runtime.rundir import REPORT, read_heldout, write_atomic
 
     run = load_run(run_dir, overrides)
     ev = run.recipe.eval

@@ -12,9 +12,9 @@ import os
 import shlex
 import sys
 
-from .config import RecipeError
-from .recipe import apply_overrides, load_recipe, shipped_recipes, valid_keys
-from .stopping import RunStopped
+from .config.recipe import apply_overrides, load_recipe, shipped_recipes, valid_keys
+from .config.sections import RecipeError
+from .runtime.stopping import RunStopped
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -48,12 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(json.dumps(recipe.to_dict(), indent=2))
             return 0
-        from . import distributed  # heavy imports only past the dry run
+        from .runtime import distributed  # heavy imports only past the dry run
 
         distributed.init()  # before any model is loaded
         if args.stage:
             return _run_stages(recipe, args.stage)
-        from .training import train
+        from .loops.training import train
 
         train(recipe, resume=args.resume)
     except RecipeError as err:
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as stop:  # the processes stop together: the main one says so
         if not _who():
             print(f"error: {stop}; to continue: {resume_command(argv)}", file=sys.stderr)
-        from . import distributed
+        from .runtime import distributed
 
         distributed.barrier()  # before any process exits, which would end the others' launch
         return stop.exit_code
@@ -82,9 +82,9 @@ def _who() -> str:
 def _run_stages(recipe, until: str) -> int:
     from pathlib import Path
 
-    from . import distributed
-    from .rundir import check_output_dir
-    from .stages import prepare
+    from .runtime import distributed
+    from .runtime.rundir import check_output_dir
+    from .loops.stages import prepare
 
     if getattr(recipe, until) is None:
         raise RecipeError(f"--stage {until}: recipe {recipe.name!r} has no {until} stage")

@@ -14,13 +14,13 @@ import torch
 from rich.markup import escape
 from rich.table import Table
 
-from .run import OneLineParser
-from .config import RecipeError
-from .console import console
+from .components.reward import build_reward
+from .config.sections import RecipeError
 from .evaluation import evaluate, load_run
-from .report import num
-from .reward import build_reward
-from .rundir import read_heldout
+from .reporting.console import console
+from .reporting.report import num
+from .run import OneLineParser
+from .runtime.rundir import read_heldout
 
 
 def side_by_side(run_dir: str | Path, prompts: list[str], heldout: int = 0, seed: int | None = None) -> list[dict]:

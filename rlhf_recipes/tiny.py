@@ -35,7 +35,7 @@ from transformers import (DistilBertConfig, DistilBertForSequenceClassification,
                           RobertaConfig, RobertaForSequenceClassification, RobertaTokenizerFast, T5Config,
                           T5ForConditionalGeneration, T5TokenizerFast)
 
-from .compat import no_progress_bars
+from .components.compat import no_progress_bars
 
 _GOOD = ["wonderful", "moving", "brilliant", "charming", "gripping", "funny", "beautiful", "superb"]
 _BAD = ["dull", "clumsy", "boring", "tedious", "messy", "flat", "predictable", "weak"]

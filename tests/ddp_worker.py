@@ -10,13 +10,13 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from rlhf_recipes import distributed
-from rlhf_recipes.recipe import apply_overrides, load_recipe
+from rlhf_recipes.runtime import distributed
+from rlhf_recipes.config.recipe import apply_overrides, load_recipe
 
 if __name__ == "__main__":
     dump, name, overrides = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
     distributed.init()  # before any model is loaded, as the command line does
-    from rlhf_recipes.training import train
+    from rlhf_recipes.loops.training import train
 
     result = train(apply_overrides(load_recipe(name), overrides))
     rank, _ = distributed.world()

@@ -21,7 +21,7 @@ def readme_block(marker: str) -> str:
 
 
 def test_every_public_name_is_what_it_says_whatever_was_imported_first():
-    code = ("import types, rlhf_recipes.run, rlhf_recipes.training\n"
+    code = ("import types, rlhf_recipes.run, rlhf_recipes.loops.training\n"
             "import rlhf_recipes\n"
             "from rlhf_recipes import train\n"
             "assert callable(train) and not isinstance(train, types.ModuleType), train\n"
@@ -77,3 +77,20 @@ def test_the_readme_python_examples_run_from_another_directory(installed, tmp_pa
     assert done.stdout.strip()  # it printed a sample
     card = (work / "runs" / "my_positive" / "model" / "README.md").read_text()
     assert "Held-out evaluation" in card and "AutoPeftModelForCausalLM" in card
+
+
+def test_the_flat_layouts_module_names_still_import_as_the_same_modules_with_a_warning():
+    import importlib
+
+    import rlhf_recipes
+    from rlhf_recipes.components import policy
+
+    sys.modules.pop("rlhf_recipes.policy", None)  # as in a fresh process, whatever ran before
+    with pytest.warns(DeprecationWarning, match=r"rlhf_recipes\.policy is now rlhf_recipes\.components\.policy"):
+        assert importlib.import_module("rlhf_recipes.policy") is policy
+    with pytest.warns(DeprecationWarning, match="rlhf_recipes.runtime.distributed"):
+        from rlhf_recipes import distributed
+    assert distributed is importlib.import_module("rlhf_recipes.runtime.distributed")
+    assert all(importlib.import_module(f"rlhf_recipes.{new}") for new in rlhf_recipes.MOVED.values())
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        rlhf_recipes.nothing  # noqa: B018

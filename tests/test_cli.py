@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import SMALL, local_overrides
 from rlhf_recipes import load_recipe, shipped_recipes
-from rlhf_recipes.rundir import read_metrics
+from rlhf_recipes.runtime.rundir import read_metrics
 from rlhf_recipes.run import main
 
 TRL_KEYS = {"objective/kl", "objective/kl_coef", "objective/entropy", "ppo/loss/total", "ppo/loss/policy",

@@ -7,10 +7,10 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, pipeline
 
 from rlhf_recipes import Policy, Prompts, RecipeError, Reward
-from rlhf_recipes.data import load_prompts
-from rlhf_recipes.policy import build_policy, load_tokenizer
-from rlhf_recipes.reward import build_reward
-from rlhf_recipes.rundir import VALUE_HEAD, save_policy
+from rlhf_recipes.components.data import load_prompts
+from rlhf_recipes.components.policy import build_policy, load_tokenizer
+from rlhf_recipes.components.reward import build_reward
+from rlhf_recipes.runtime.rundir import VALUE_HEAD, save_policy
 
 CPU = torch.device("cpu")
 TEXTS = ["the plot was dull", "a wonderful, moving film", "the acting was superb", "boring and tedious",
@@ -175,7 +175,7 @@ def test_sampling_ignores_model_defaults_and_training_mode(tiny_dir):
     """Regression: the model's generation_config must not leak in, and generation must run in
     eval mode (TRL leaves the model training; with gradient checkpointing that drops the cache)."""
     from rlhf_recipes import Generation
-    from rlhf_recipes.rollout import generate
+    from rlhf_recipes.components.rollout import generate
 
     tok = load_tokenizer("policy.model", str(tiny_dir / "gpt2"))
     policy = build_policy(Policy(model=str(tiny_dir / "gpt2")), CPU)
@@ -206,7 +206,7 @@ def test_max_grad_norm_clips_every_minibatch(tiny_dir):
 
 
 def test_texts_with_markup_print_as_text(capsys):
-    from rlhf_recipes.console import sample_table
+    from rlhf_recipes.reporting.console import sample_table
 
     sample_table("t", ["a [/spoiler] prompt"], ["[b]bold[/b] reply"], [1.0], rows=1)
     printed = capsys.readouterr().out
@@ -219,7 +219,7 @@ def test_decode_pairs_keeps_the_space_between_prompt_and_response():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from rlhf_recipes.rollout import decode_pairs
+    from rlhf_recipes.components.rollout import decode_pairs
 
     words = ["<unk>", "▁The", "▁plot", "▁was", "▁dull"]
     raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))

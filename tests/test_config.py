@@ -5,7 +5,7 @@ import json
 import pytest
 
 from rlhf_recipes import PPO, Generation, Policy, Prompts, RecipeError, Reward, apply_overrides, load_recipe
-from rlhf_recipes.recipe import parse_value, valid_keys
+from rlhf_recipes.config.recipe import parse_value, valid_keys
 from rlhf_recipes.config import Eval, Run
 from typing import Literal, Optional, Union
 from collections.abc import Callable

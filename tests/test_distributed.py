@@ -22,15 +22,15 @@ from accelerate.utils import is_deepspeed_available
 from safetensors.torch import load_file
 
 from conftest import local_overrides
-from rlhf_recipes import distributed
-from rlhf_recipes.checkpoint import latest, resume_point
-from rlhf_recipes.data import batch_indices, load_prompts
+from rlhf_recipes.runtime import distributed
+from rlhf_recipes.runtime.checkpoint import latest, resume_point
+from rlhf_recipes.components.data import batch_indices, load_prompts
 from rlhf_recipes.evaluation import evaluate_run
-from rlhf_recipes.policy import load_tokenizer
-from rlhf_recipes.recipe import apply_overrides, load_recipe
-from rlhf_recipes.rollout import decode_pairs
+from rlhf_recipes.components.policy import load_tokenizer
+from rlhf_recipes.config.recipe import apply_overrides, load_recipe
+from rlhf_recipes.components.rollout import decode_pairs
 from rlhf_recipes.run import main
-from rlhf_recipes.section import RecipeError
+from rlhf_recipes.config.section import RecipeError
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -44,7 +44,7 @@ QUICKSTART = ["sft.epochs=0.1", "sft.heldout=50", "reward_model.epochs=0.1", "re
 def launch(*args: str, env: dict | None = None, launcher: tuple = ("--multi_gpu",),
            succeeds: bool = True) -> subprocess.CompletedProcess:
     """`accelerate launch` with two CPU processes: the multi-GPU launcher is the one that starts
-    both without MPI; rlhf_recipes.distributed makes them CPU processes over gloo."""
+    both without MPI; rlhf_recipes.runtime.distributed makes them CPU processes over gloo."""
     with socket.socket() as s:  # a free port, so a lingering launch cannot collide
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

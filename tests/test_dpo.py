@@ -14,10 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf_recipes import DPO, RecipeError, apply_overrides, checkpoint, load_recipe
-from rlhf_recipes.config_stages import RewardModel
-from rlhf_recipes.data import load_preferences
-from rlhf_recipes.rundir import read_metrics
+from rlhf_recipes import DPO, RecipeError, apply_overrides, load_recipe
+from rlhf_recipes.runtime import checkpoint
+from rlhf_recipes.config.stages import RewardModel
+from rlhf_recipes.components.data import load_preferences
+from rlhf_recipes.runtime.rundir import read_metrics
 from rlhf_recipes.run import main
 
 TRL_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
@@ -120,7 +121,7 @@ def test_bad_preference_columns_and_empty_data_get_one_line_errors(prefs, fields
 def test_trl_tokenizes_the_pairs_without_a_bos_the_tokenizer_does_not_add(tiny_dir, tmp_path):
     from rlhf_recipes import trl_backend
     from rlhf_recipes.config import Policy
-    from rlhf_recipes.policy import build_policy, load_tokenizer
+    from rlhf_recipes.components.policy import build_policy, load_tokenizer
 
     cfg = DPO(dataset="unused", learning_rate=1e-3, epochs=1.0, batch_size=2, beta=0.1, separator=" ",
               max_length=32, max_prompt_length=8)
@@ -155,8 +156,8 @@ def test_trl_tokenizes_the_pairs_without_a_bos_the_tokenizer_does_not_add(tiny_d
 def test_sequence_log_probs_are_summed_in_float32_and_held_out_scoring_leaves_bco_moments_alone(tiny_dir, tmp_path):
     from rlhf_recipes import trl_backend
     from rlhf_recipes.config import Policy
-    from rlhf_recipes.dpo import pair_metrics
-    from rlhf_recipes.policy import build_policy, load_tokenizer
+    from rlhf_recipes.loops.dpo import pair_metrics
+    from rlhf_recipes.components.policy import build_policy, load_tokenizer
 
     logits = torch.randn(2, 40, 50).to(torch.bfloat16)
     labels = torch.randint(0, 50, (2, 40))
@@ -179,7 +180,7 @@ def test_the_shimmed_trainer_also_trains_with_its_own_train_method(tiny_dir, tmp
     """For projects that import it: TRL's DPOTrainer.train() on today's Trainer, its metrics logged."""
     from rlhf_recipes import trl_backend
     from rlhf_recipes.config import Policy
-    from rlhf_recipes.policy import build_policy, load_tokenizer
+    from rlhf_recipes.components.policy import build_policy, load_tokenizer
 
     cfg = DPO(dataset="unused", learning_rate=1e-2, epochs=1.0, batch_size=2, beta=0.1, separator=" ",
               max_length=32, max_prompt_length=8)

@@ -11,10 +11,10 @@ import torch
 from conftest import SMALL, local_overrides
 from rlhf_recipes import apply_overrides, load_recipe, quiet
 from rlhf_recipes.evaluation import SanityCheckError, evaluate, main as evaluation_main, score_responses
-from rlhf_recipes.metrics import distinct_n, summarize, t_quantile, win_rate
-from rlhf_recipes.policy import build_policy, load_tokenizer
-from rlhf_recipes.rundir import read_heldout
-from rlhf_recipes.training import train
+from rlhf_recipes.reporting.metrics import distinct_n, summarize, t_quantile, win_rate
+from rlhf_recipes.components.policy import build_policy, load_tokenizer
+from rlhf_recipes.runtime.rundir import read_heldout
+from rlhf_recipes.loops.training import train
 
 CPU = torch.device("cpu")
 

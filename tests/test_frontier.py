@@ -9,7 +9,7 @@ import pytest
 
 from conftest import SMALL, local_overrides
 from rlhf_recipes.frontier import main, references_agree
-from rlhf_recipes.metrics import best_of_n_kl, expected_best_of
+from rlhf_recipes.reporting.metrics import best_of_n_kl, expected_best_of
 from test_dpo import recipe_file
 
 
@@ -77,7 +77,7 @@ def test_a_stopped_sweep_resumes_where_it_stopped(tiny_dir, prefs, tmp_path):
     import sys
     import time
 
-    from rlhf_recipes.rundir import read_metrics
+    from rlhf_recipes.runtime.rundir import read_metrics
 
     dpo = recipe_file(tmp_path, tiny_dir, prefs, slow=True)  # sleeps before each update
     argv = [str(tmp_path / "sweep"), "--sweep", dpo, "dpo.beta=0.1,0.5", "--best-of", ""]

@@ -10,7 +10,7 @@ import torch
 
 from conftest import SMALL, local_overrides
 from test_distributed import TESTS, launch, trainable
-from rlhf_recipes.rundir import read_metrics
+from rlhf_recipes.runtime.rundir import read_metrics
 from rlhf_recipes.run import main
 
 OPTED_IN = os.environ.get("RLHF_RECIPES_GPU_TESTS") == "1"

@@ -14,8 +14,8 @@ from rlhf_recipes.config import Policy
 from rlhf_recipes.evaluation import score_responses
 from rlhf_recipes.interpret import (BEGIN, END, analyse, check_model, contrast, decompose, hooked_forward, main,
                                     patched_forward, response_shift)
-from rlhf_recipes.policy import build_policy, load_tokenizer
-from rlhf_recipes.rollout import pad_batch
+from rlhf_recipes.components.policy import build_policy, load_tokenizer
+from rlhf_recipes.components.rollout import pad_batch
 from rlhf_recipes.run import main as run_main
 
 CPU = torch.device("cpu")

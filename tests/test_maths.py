@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from rlhf_recipes import RecipeError
-from rlhf_recipes.data import batch_indices
-from rlhf_recipes.reward import check_rewards, label_index, select_score
-from rlhf_recipes.rollout import cut_response, pad_batch
+from rlhf_recipes.components.data import batch_indices
+from rlhf_recipes.components.reward import check_rewards, label_index, select_score
+from rlhf_recipes.components.rollout import cut_response, pad_batch
 
 
 def test_pad_batch():

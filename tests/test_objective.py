@@ -7,7 +7,7 @@ import torch
 
 from conftest import SMALL, local_overrides
 from rlhf_recipes import apply_overrides, load_recipe, quiet, trl_backend
-from rlhf_recipes.policy import build_policy, load_tokenizer
+from rlhf_recipes.components.policy import build_policy, load_tokenizer
 
 
 def masked_mean(x, mask):

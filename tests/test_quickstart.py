@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SHORT_QUICKSTART
-from rlhf_recipes.report import reward_gain
+from rlhf_recipes.reporting.report import reward_gain
 from rlhf_recipes.run import main
 
 @pytest.mark.slow

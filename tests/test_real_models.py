@@ -12,14 +12,15 @@ from transformers import (AutoTokenizer, GPT2Config, GPT2ForSequenceClassificati
                           PreTrainedTokenizerFast)
 
 from conftest import SMALL, local_overrides
-from rlhf_recipes import Prompts, Reward, apply_overrides, load_recipe, startup, trl_backend
-from rlhf_recipes.data import load_prompts
-from rlhf_recipes.policy import build_policy, load_tokenizer
-from rlhf_recipes.reward import build_reward, reward_inputs
-from rlhf_recipes.rollout import decode_pairs
-from rlhf_recipes.rundir import save_policy
+from rlhf_recipes import Prompts, Reward, apply_overrides, load_recipe, trl_backend
+from rlhf_recipes.runtime import startup
+from rlhf_recipes.components.data import load_prompts
+from rlhf_recipes.components.policy import build_policy, load_tokenizer
+from rlhf_recipes.components.reward import build_reward, reward_inputs
+from rlhf_recipes.components.rollout import decode_pairs
+from rlhf_recipes.runtime.rundir import save_policy
 from rlhf_recipes.run import main
-from rlhf_recipes.rundir import read_metrics
+from rlhf_recipes.runtime.rundir import read_metrics
 
 CPU = torch.device("cpu")
 

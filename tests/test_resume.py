@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import SMALL, local_overrides
-from rlhf_recipes import checkpoint
+from rlhf_recipes.runtime import checkpoint
 from rlhf_recipes.config import Policy, RecipeError
-from rlhf_recipes.policy import build_policy
-from rlhf_recipes.rundir import read_metrics
+from rlhf_recipes.components.policy import build_policy
+from rlhf_recipes.runtime.rundir import read_metrics
 from rlhf_recipes.run import main
 
 

@@ -1,4 +1,4 @@
-"""PPO's scoring passes at the response tokens only (rlhf_recipes.token_scores, used by
+"""PPO's scoring passes at the response tokens only (rlhf_recipes.components.token_scores, used by
 trl_backend's trainer) give what TRL's own full-vocabulary, every-position passes give: the
 same masks, log-probs, values and entropies, bit for bit, and a whole step the same statistics
 and the same trained weights."""
@@ -11,8 +11,9 @@ from trl import PPOTrainer
 from trl.core import entropy_from_logits
 
 from conftest import SMALL, local_overrides
-from rlhf_recipes import apply_overrides, load_recipe, token_scores, trl_backend
-from rlhf_recipes.policy import build_policy, load_tokenizer
+from rlhf_recipes import apply_overrides, load_recipe, trl_backend
+from rlhf_recipes.components import token_scores
+from rlhf_recipes.components.policy import build_policy, load_tokenizer
 
 CPU = torch.device("cpu")
 

@@ -11,13 +11,13 @@ from transformers import AutoModelForSeq2SeqLM
 
 from conftest import SHORT_QUICKSTART, SMALL, local_overrides
 from rlhf_recipes import Generation, Policy, Prompts, RecipeError, apply_overrides, load_recipe, trl_backend
-from rlhf_recipes.data import load_prompts
+from rlhf_recipes.components.data import load_prompts
 from rlhf_recipes.evaluation import score_responses
-from rlhf_recipes.policy import build_policy, load_tokenizer
-from rlhf_recipes.report import reward_gain
-from rlhf_recipes.rollout import decode_pairs, generate
+from rlhf_recipes.components.policy import build_policy, load_tokenizer
+from rlhf_recipes.reporting.report import reward_gain
+from rlhf_recipes.components.rollout import decode_pairs, generate
 from rlhf_recipes.run import main
-from rlhf_recipes.rundir import read_metrics
+from rlhf_recipes.runtime.rundir import read_metrics
 
 CPU = torch.device("cpu")
 

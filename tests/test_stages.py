@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from conftest import local_overrides
 from rlhf_recipes import SFT, RecipeError, RewardModel, apply_overrides, corpus, load_recipe
 from rlhf_recipes.run import main
-from rlhf_recipes.stages import STAGE_FILE, heldout_loss, pair_accuracy, prepare
+from rlhf_recipes.loops.stages import STAGE_FILE, heldout_loss, pair_accuracy, prepare
 
 CPU = torch.device("cpu")
 
@@ -107,7 +107,7 @@ def test_lora_sft_merges_its_adapters_into_a_pretrained_base(tiny_dir, data, tmp
 
 
 def test_sft_batches_keep_eos_even_when_it_is_the_pad_token(tiny_dir):
-    from rlhf_recipes.policy import load_tokenizer
+    from rlhf_recipes.components.policy import load_tokenizer
     from rlhf_recipes.trl_backend.stages import _lm_batch
 
     tokenizer = load_tokenizer("policy.model", str(tiny_dir / "gpt2"))  # GPT-2: pad is eos

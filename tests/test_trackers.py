@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from conftest import SMALL, local_overrides
-from rlhf_recipes.rundir import read_metrics
+from rlhf_recipes.runtime.rundir import read_metrics
 from rlhf_recipes.run import main
 
 tensorboard = pytest.importorskip("tensorboard")
@@ -63,7 +63,7 @@ def test_wandb_offline_writes_its_run_files(tiny_dir, tmp_path, monkeypatch):
 
 
 def test_stages_pass_the_setting_to_their_trainer(tmp_path):
-    from rlhf_recipes.trackers import trainer_settings
+    from rlhf_recipes.reporting.trackers import trainer_settings
 
     assert trainer_settings(("none",), tmp_path, "sft")["report_to"] == "none"  # not None: every integration
     assert trainer_settings(("tensorboard",), tmp_path, "sft") == {

@@ -5,7 +5,7 @@ this package: ppo (the value head, the trainer and its step), state (checkpoint 
 copies of what training changes), stages (SFT and the reward model) and dpo. The rest of
 rlhf_recipes calls the names below, as trl_backend.NAME.
 """
-from .. import compat
+from ..components import compat
 
 compat.patch_trl_flags()  # before TRL's trainers import (transformers 5.x)
 from .dpo import dpo_batch_loss, dpo_update, make_dpo_trainer, running_moments  # noqa: E402

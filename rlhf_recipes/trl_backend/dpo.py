@@ -1,5 +1,5 @@
 """DPO's TRL side: TRL 0.11.4's DPOTrainer made to run on today's transformers, and what
-rlhf_recipes.dpo's own loop calls of it (tokenized pairs, a batch's loss, one update)."""
+rlhf_recipes.loops.dpo's own loop calls of it (tokenized pairs, a batch's loss, one update)."""
 from __future__ import annotations
 
 import contextlib
@@ -9,13 +9,13 @@ import numpy as np
 import torch
 from trl import DPOConfig, DPOTrainer
 
-from .. import compat
-from ..config import DPO, RecipeError
+from ..components import compat
+from ..config.sections import DPO, RecipeError
 
 
 class _DPOTrainer(DPOTrainer, compat.TokenizerArgument):
     """TRL 0.11.4's DPOTrainer on today's Trainer, which has methods of three of its names with
-    newer signatures. rlhf_recipes.dpo runs its own loop and calls only the loss; these keep
+    newer signatures. rlhf_recipes.loops.dpo runs its own loop and calls only the loss; these keep
     `.train()` working for a project that imports the trainer from make_dpo_trainer."""
 
     def get_batch_samples(self, *args, **kwargs):
@@ -50,7 +50,7 @@ def make_dpo_trainer(cfg: DPO, model, tokenizer, train: list[tuple[str, str, str
     """
     from datasets import Dataset
 
-    from ..data import no_progress_bars
+    from ..components.data import no_progress_bars
 
     def dataset(rows):
         # a prompt's trailing whitespace goes to the answers: TRL splits prompt from answer at the

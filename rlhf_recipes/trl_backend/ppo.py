@@ -10,10 +10,11 @@ import torch
 from trl import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead, PPOConfig, PPOTrainer
 from trl.core import PPODecorators, entropy_from_logits, masked_mean
 
-from .. import compat, distributed, token_scores
+from ..components import compat, token_scores
+from ..components.seq2seq import is_encoder_decoder
+from ..config.sections import Recipe
+from ..runtime import distributed
 from .probes import last_hidden, logits_from_last_hidden, packed_forward, packs_rows
-from ..config import Recipe
-from ..seq2seq import is_encoder_decoder
 
 
 def with_value_head(adapted_model) -> AutoModelForCausalLMWithValueHead:
@@ -53,7 +54,7 @@ class _PPOTrainer(PPOTrainer):
        quickstart that first token carried most of the KL: the controller saw 2 nats where the
        policy had moved 13, lowered the coefficient and let the policy collapse.
     4. A causal policy's scoring passes apply the LM head, softmax and entropy at the response
-       tokens only, not at every prompt and padding position (rlhf_recipes.token_scores), and
+       tokens only, not at every prompt and padding position (rlhf_recipes.components.token_scores), and
        the masks and per-token rewards are built without a loop over rows. Unpacked (5), each
        pass's log-probs, values and masks are TRL's bit for bit (tested); a step's statistics
        and updates agree to the last bits, as the gradient sums over fewer rows round otherwise

@@ -7,8 +7,8 @@ import functools
 
 import torch
 
-from .. import token_scores
-from ..seq2seq import is_encoder_decoder
+from ..components import token_scores
+from ..components.seq2seq import is_encoder_decoder
 
 
 def _false_on_failure(probe):

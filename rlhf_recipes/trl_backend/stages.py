@@ -8,9 +8,9 @@ import torch
 from transformers import PrinterCallback, TrainerCallback
 from trl import RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 
-from .. import compat
-from ..config import SFT, RewardModel
-from ..console import StepDisplay
+from ..components import compat
+from ..config.sections import SFT, RewardModel
+from ..reporting.console import StepDisplay
 
 
 class _Progress(TrainerCallback):
@@ -65,7 +65,7 @@ def train_seq2seq_sft(model, tokenizer, pairs: list[tuple[str, str]], cfg: SFT, 
     from datasets import Dataset
     from transformers import TrainingArguments
 
-    from .. import seq2seq
+    from ..components import seq2seq
 
     data = Dataset.from_dict({"source": [p[0] for p in pairs], "target": [p[1] for p in pairs]})
     args = TrainingArguments(**_trainer_args(cfg, seed, work_dir, report), remove_unused_columns=False)

@@ -8,8 +8,8 @@ import torch
 from accelerate.utils import DistributedType
 from trl import PPOTrainer
 
-from .. import distributed
-from ..config import RecipeError
+from ..config.sections import RecipeError
+from ..runtime import distributed
 
 
 def trainer_state(trainer: PPOTrainer, all_processes: bool = False) -> dict:

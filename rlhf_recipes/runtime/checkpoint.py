@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import RecipeError
-from .console import console
+from ..config.sections import RecipeError
+from ..reporting.console import console
 from .rundir import RECIPE, atomic_dir, check_same_recipe, jsonl, read_jsonl
 
 CHECKPOINTS = "checkpoints"

@@ -8,7 +8,7 @@ starts at decoder position 1); trl_backend's PPOTrainer scores every generated t
 """
 from __future__ import annotations
 
-from .config import Policy, RecipeError
+from ..config.sections import Policy, RecipeError
 
 T5_FAMILY = frozenset({"t5", "mt5", "umt5", "longt5", "switch_transformers"})
 

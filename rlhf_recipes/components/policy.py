@@ -13,8 +13,9 @@ import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, BitsAndBytesConfig
 
-from . import seq2seq, trl_backend
-from .config import Policy, RecipeError
+from . import seq2seq
+from .. import trl_backend
+from ..config.sections import Policy, RecipeError
 from .loading import load_pretrained
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

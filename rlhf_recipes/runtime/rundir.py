@@ -6,8 +6,8 @@
     OUTPUT_DIR/heldout.jsonl   the held-out prompts' token ids, so a run re-evaluates without its data
     OUTPUT_DIR/eval.json       evaluation before, during and after training (rlhf_recipes.evaluation)
     OUTPUT_DIR/report.md       the before/after table and samples, with training.png and reward_hist.png
-    OUTPUT_DIR/checkpoints/    the newest checkpoints, to resume from (rlhf_recipes.checkpoint)
-    OUTPUT_DIR/stages/         SFT and reward-model outputs, reused while their inputs are unchanged (rlhf_recipes.stages)
+    OUTPUT_DIR/checkpoints/    the newest checkpoints, to resume from (rlhf_recipes.runtime.checkpoint)
+    OUTPUT_DIR/stages/         SFT and reward-model outputs, reused while their inputs are unchanged (rlhf_recipes.loops.stages)
     OUTPUT_DIR/interpret/      what training changed inside the model, when asked (rlhf_recipes.interpret)
 """
 from __future__ import annotations
@@ -22,8 +22,8 @@ import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from .compat import no_progress_bars
-from .config import Recipe, RecipeError
+from ..components.compat import no_progress_bars
+from ..config.sections import Recipe, RecipeError
 
 RECIPE, METRICS, MODEL, VALUE_HEAD = "recipe.json", "metrics.jsonl", "model", "value_head.safetensors"
 HELDOUT, EVAL, REPORT, STAGES = "heldout.jsonl", "eval.json", "report.md", "stages"

@@ -7,7 +7,7 @@ import os
 import torch
 from transformers import GenerationConfig
 
-from .config import Generation
+from ..config.sections import Generation
 from .seq2seq import is_encoder_decoder
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 from typing import Any, Callable
 
-from .config import PATH_FIELDS, RecipeError
+from ..config.sections import PATH_FIELDS, RecipeError
 
 
 def describe_missing(key: str, name: str) -> str:

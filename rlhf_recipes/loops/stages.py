@@ -28,16 +28,18 @@ import transformers
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
                           set_seed)
 
-from . import distributed, seq2seq, trl_backend
-from .config import Recipe, RecipeError
-from .console import console
-from .data import load_preferences, load_templated, no_progress_bars
-from .loading import load_pretrained
-from .policy import DTYPES, add_lora, load_tokenizer
-from .reward import model_inputs
-from .rollout import evaluating
-from .rundir import STAGES, atomic_dir
-from .trackers import trainer_settings
+from .. import trl_backend
+from ..components import seq2seq
+from ..components.data import load_preferences, load_templated, no_progress_bars
+from ..components.loading import load_pretrained
+from ..components.policy import DTYPES, add_lora, load_tokenizer
+from ..components.reward import model_inputs
+from ..components.rollout import evaluating
+from ..config.sections import Recipe, RecipeError
+from ..reporting.console import console
+from ..reporting.trackers import trainer_settings
+from ..runtime import distributed
+from ..runtime.rundir import STAGES, atomic_dir
 
 STAGE_FILE = "stage.json"
 

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import Prompts, RecipeError
-from .section import template_columns
+from ..config.recipe import resolve_callable
+from ..config.section import template_columns
+from ..config.sections import Prompts, RecipeError
 from .loading import describe_missing, first_line
-from .recipe import resolve_callable
 
 _BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _CHARS_PER_TOKEN_BOUND = 32  # cut texts before tokenizing: no real token is this long

@@ -1,5 +1,5 @@
 """`train(recipe)`: the PPO loop, in numbered steps (generate, score, step, log, checkpoint); a
-recipe with a dpo section goes to the DPO loop (rlhf_recipes.dpo) instead.
+recipe with a dpo section goes to the DPO loop (rlhf_recipes.loops.dpo) instead.
 
 This is what `python -m rlhf_recipes.run` calls, and what other projects call to train
 a recipe from Python. Under `accelerate launch` every process runs it: each generates and
@@ -15,23 +15,25 @@ import numpy as np
 from accelerate.utils import set_seed
 from rich.markup import escape
 
-from . import checkpoint, distributed, startup, trackers, trl_backend
-from .config import Recipe
-from .console import StepDisplay, console, sample_table
-from .data import batch_indices
-from .reward import all_finite, reward_inputs
-from .rollout import decode_pairs, generate
-from .report import write_report
+from .. import trl_backend
+from ..components.data import batch_indices
+from ..components.reward import all_finite, reward_inputs
+from ..components.rollout import decode_pairs, generate
+from ..config.sections import Recipe
+from ..reporting import trackers
+from ..reporting.console import StepDisplay, console, sample_table
+from ..reporting.report import write_report
+from ..runtime import checkpoint, distributed, startup
+from ..runtime.stopping import StopRequests
 from .session import (TrainResult, begin, checkpoint_or_stop, evaluate_during, finish, load_models, record_step,
                       start_records)
-from .stopping import StopRequests
 
 __all__ = ["TrainResult", "train"]
 
 
 def train(recipe: Recipe, resume: bool = False) -> TrainResult:
-    """Train `recipe` with PPO, or with DPO if it has a dpo section (see rlhf_recipes.dpo);
-    outputs go to recipe.run.output_dir (see rlhf_recipes.rundir).
+    """Train `recipe` with PPO, or with DPO if it has a dpo section (see rlhf_recipes.loops.dpo);
+    outputs go to recipe.run.output_dir (see rlhf_recipes.runtime.rundir).
 
     resume: continue the run in output_dir from its newest checkpoint (a new run if it has none).
     Raises RunStopped when a signal or repeated non-finite batches stop it early.

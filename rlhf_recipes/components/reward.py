@@ -13,10 +13,10 @@ from typing import Callable, Sequence
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from .config import RecipeError, Reward
+from ..config.recipe import resolve_callable
+from ..config.sections import RecipeError, Reward
 from .loading import load_pretrained
 from .policy import load_tokenizer
-from .recipe import resolve_callable
 
 RewardFn = Callable[[list[str]], list[float]]
 

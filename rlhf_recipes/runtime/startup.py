@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import Generation, Recipe, RecipeError
+from ..config.sections import Generation, Recipe, RecipeError
 
 KL_REACH_WARNING = 2.0
 """Warn when adaptive KL cannot move its coefficient by at least this factor over the run."""

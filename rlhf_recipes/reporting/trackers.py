@@ -14,7 +14,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from .config import RecipeError
+from ..config.sections import RecipeError
 
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
 """run.report_to name -> the pip package it needs."""

@@ -38,7 +38,7 @@ def init() -> PartialState:
     if launched and PartialState._shared_state == {}:  # once, before accelerate rewrites the variables
         here = os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", os.environ["WORLD_SIZE"]))
         if here != os.environ["WORLD_SIZE"]:
-            from .config import RecipeError
+            from ..config.sections import RecipeError
 
             # each process decides from the output directory what to resume and reuse: on one
             # machine they all see the same files; across machines that is not guaranteed
@@ -94,7 +94,7 @@ def deepspeed_plugin(ppo) -> DeepSpeedPlugin | None:
     ppo.max_grad_norm. ZeRO-3 and FSDP are refused: they partition the weights, but each
     process samples with the whole policy every step (and the main one evaluates alone).
     """
-    from .config import RecipeError
+    from ..config.sections import RecipeError
 
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         raise RecipeError("FSDP is not supported: every process samples with the whole policy at each step; use "

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
-from .config_stages import DPO, SFT, RewardModel
 from .section import RecipeError, Section, _positive, conforms, template_fields, type_name  # noqa: F401
+from .stages import DPO, SFT, RewardModel
 
 
 # ---------------------------------------------------------------------------- sections

@@ -5,9 +5,9 @@ import json
 import math
 from pathlib import Path
 
-from .config import Generation
-from .rundir import EVAL, MODEL, RECIPE, REPORT
-from .startup import sampling_note
+from ..config.sections import Generation
+from ..runtime.rundir import EVAL, MODEL, RECIPE, REPORT
+from ..runtime.startup import sampling_note
 
 ROWS = [("reward", "reward"), ("kl", "KL(policy ‖ ref), nats"), ("length", "response length (tokens)"),
         ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"), ("entropy", "mean token entropy")]

@@ -18,13 +18,13 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from .config import PATH_FIELDS, SECTIONS, Recipe, RecipeError, conforms, type_name
-from .loading import first_line
+from ..components.loading import first_line
+from .sections import PATH_FIELDS, SECTIONS, Recipe, RecipeError, conforms, type_name
 
 
 def shipped_recipes() -> list[str]:
     """Names of the recipes that ship with the package (`rlhf_recipes.recipes.<name>`)."""
-    from . import recipes
+    from .. import recipes
 
     return sorted(m.name for m in pkgutil.iter_modules(recipes.__path__) if not m.name.startswith("_"))
 

@@ -1,4 +1,4 @@
-"""What the PPO loop (rlhf_recipes.training) and the DPO loop (rlhf_recipes.dpo) share: the
+"""What the PPO loop (rlhf_recipes.loops.training) and the DPO loop (rlhf_recipes.loops.dpo) share: the
 start (`begin`, `load_models`, `start_records`), each step's record and checkpoint, and the end
 (`finish`: save the policy, evaluate on the held-out prompts, write the report).
 """
@@ -9,18 +9,21 @@ from pathlib import Path
 
 from accelerate.utils import set_seed
 
-from . import checkpoint, distributed, seq2seq, stages, startup, trackers
-from .config import Recipe, RecipeError
-from .console import append_jsonl, console, sample_table
-from .data import load_prompts
-from .evaluation import evaluate
-from .loading import check_hub
-from .policy import build_policy, load_config, load_tokenizer
-from .recipe import absolute_paths, resolve_callable
-from .report import summary_line, write_report
-from .reward import build_reward
-from .rundir import METRICS, MODEL, check_output_dir, save_policy, start_output_dir, write_heldout, write_metrics
-from .stopping import RunStopped, StopRequests
+from . import stages
+from ..components import seq2seq
+from ..components.data import load_prompts
+from ..components.loading import check_hub
+from ..components.policy import build_policy, load_config, load_tokenizer
+from ..components.reward import build_reward
+from ..config.recipe import absolute_paths, resolve_callable
+from ..config.sections import Recipe, RecipeError
+from ..evaluation import evaluate
+from ..reporting import trackers
+from ..reporting.console import append_jsonl, console, sample_table
+from ..reporting.report import summary_line, write_report
+from ..runtime import checkpoint, distributed, startup
+from ..runtime.rundir import METRICS, MODEL, check_output_dir, save_policy, start_output_dir, write_heldout, write_metrics
+from ..runtime.stopping import RunStopped, StopRequests
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ class TrainResult:
 
 @dataclass
 class Started:
-    """What both training loops (PPO here, DPO in rlhf_recipes.dpo) start from: see `begin`."""
+    """What both training loops (PPO here, DPO in rlhf_recipes.loops.dpo) start from: see `begin`."""
 
     recipe: Recipe
     """As given, paths made absolute: what recipe.json records."""

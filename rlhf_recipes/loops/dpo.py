@@ -22,15 +22,17 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from . import checkpoint, distributed, trackers, trl_backend
-from .config import DPO, Recipe, RecipeError
-from .console import StepDisplay, console
-from .data import batch_indices, load_preferences
-from .report import write_report
-from .stages import flatten, split
-from .stopping import StopRequests
+from .. import trl_backend
+from ..components.data import batch_indices, load_preferences
+from ..config.sections import DPO, Recipe, RecipeError
+from ..reporting import trackers
+from ..reporting.console import StepDisplay, console
+from ..reporting.report import write_report
+from ..runtime import checkpoint, distributed
+from ..runtime.stopping import StopRequests
 from .session import (TrainResult, begin, checkpoint_or_stop, evaluate_during, finish, load_models, record_step,
                       start_records)
+from .stages import flatten, split
 
 
 def load_pairs(cfg: DPO, seed: int, heldout_prompts: set[str]) -> tuple[list[tuple], list[tuple], int]:
@@ -67,7 +69,7 @@ def pair_metrics(trainer, batch_size: int) -> dict[str, float]:
 
 
 def train_dpo(recipe: Recipe, resume: bool = False) -> TrainResult:
-    """Train `recipe`'s policy with DPO on its dpo.dataset; outputs as for PPO (rlhf_recipes.rundir).
+    """Train `recipe`'s policy with DPO on its dpo.dataset; outputs as for PPO (rlhf_recipes.runtime.rundir).
 
     resume: continue the run in run.output_dir from its newest checkpoint.
     Raises RunStopped when a signal or repeated non-finite batches stop it early.
