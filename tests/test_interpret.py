@@ -12,8 +12,8 @@ from conftest import SMALL, local_overrides
 from rlhf_recipes import RecipeError
 from rlhf_recipes.config import Policy
 from rlhf_recipes.evaluation import score_responses
-from rlhf_recipes.interpret import (BEGIN, END, analyse, check_model, contrast, decompose, hooked_forward, main,
-                                    patched_forward, response_shift)
+from rlhf_recipes.interpret import BEGIN, END, analyse, main, response_shift
+from rlhf_recipes.reporting.interpret_passes import check_model, contrast, decompose, hooked_forward, patched_forward
 from rlhf_recipes.components.policy import build_policy, load_tokenizer
 from rlhf_recipes.components.rollout import pad_batch
 from rlhf_recipes.run import main as run_main

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from ..components.loading import first_line
-from .sections import PATH_FIELDS, SECTIONS, Recipe, RecipeError, conforms, type_name
+from .section import conforms, type_name
+from .sections import PATH_FIELDS, SECTIONS, Recipe, RecipeError
 
 
 def shipped_recipes() -> list[str]:

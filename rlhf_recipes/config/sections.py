@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
-from .section import RecipeError, Section, _positive, conforms, template_fields, type_name  # noqa: F401
+from .section import RecipeError, Section, _positive, template_fields
 from .stages import DPO, SFT, RewardModel
 
 

@@ -141,7 +141,7 @@ def model_card(result: dict, recipe: dict, model_dir: Path) -> str:
     method = "DPO" if recipe.get("dpo") else "PPO"
     if recipe.get("dpo"):
         rewarded_by = f"preference pairs from `{recipe['dpo']['dataset']}`; evaluated with " + rewarded_by
-    head = (f"The value head PPO trained is in `value_head.safetensors`; it is not needed to generate." if method == "PPO"
+    head = ("The value head PPO trained is in `value_head.safetensors`; it is not needed to generate." if method == "PPO"
             else "`value_head.safetensors` is untrained (DPO has none) and kept only so the directory loads as a PPO "
                  "run's does.")
     return (f"# {recipe['name']}: a LoRA adapter trained with {method}\n\n"
