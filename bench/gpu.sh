@@ -105,7 +105,8 @@ if (( REHEARSE )); then
   skip large no-cuda
   step memory 240 "$PY" bench/memory.py --shape tiny --batch 8 "${REC[@]}"
   step throughput 240 "$PY" bench/throughput.py --shape tiny --batch 8 --mini-batch 8,4 --epochs 1 \
-    --min-tokens 4 --max-tokens 8 --steps 1 --warmup 0 --per-prompt --also ppo.pack_rows=false "${REC[@]}"
+    --min-tokens 4 --max-tokens 8 --steps 1 --warmup 0 --per-prompt --also ppo.pack_rows=false \
+    --also generation.compile=true "${REC[@]}"
   skip generation_pythia-1b no-cuda
   step generation_small 120 "$PY" bench/generation.py --shape tiny --tokens 8 --repeats 1 "${REC[@]}"
 else
@@ -113,8 +114,8 @@ else
   # shellcheck disable=SC2086
   step large 150 "$PY" bench/large.py --shapes $LARGE_SHAPES "${REC[@]}"
   step memory 120 "$PY" bench/memory.py --shape gpt2-small --batch 16 "${REC[@]}"
-  step throughput 180 "$PY" bench/throughput.py --shape gpt2-small --batch 64 --mini-batch 64,16 --steps 5 \
-    --warmup 2 --per-prompt --also ppo.pack_rows=false --target 0.8 "${REC[@]}"
+  step throughput 240 "$PY" bench/throughput.py --shape gpt2-small --batch 64 --mini-batch 64,16 --steps 5 \
+    --warmup 2 --per-prompt --also ppo.pack_rows=false --also generation.compile=true --target 0.8 "${REC[@]}"
   step generation_pythia-1b 90 "$PY" bench/generation.py --shape pythia-1b --dtype float16 "${REC[@]}"
   step generation_small 60 "$PY" bench/generation.py --shape gpt2-small "${REC[@]}"
 fi

@@ -193,6 +193,43 @@ def test_sampling_ignores_model_defaults_and_training_mode(tiny_dir):
     assert {t for r in sampled for t in r.tolist()} != {7}
 
 
+def test_compiled_sampling_samples_as_the_plain_model_does_as_the_adapters_move(tiny_dir):
+    """generation.compile: the static cache and the compiled decoding step sample for a seed what
+    plain decoding samples (but for a rare token whose logits differ in their last bits), and the
+    compiled step reads the adapters as they are after an update, not as they were compiled."""
+    import dataclasses
+
+    from rlhf_recipes import Generation
+    from rlhf_recipes.components.rollout import generate, pad_batch
+
+    tok = load_tokenizer("policy.model", str(tiny_dir / "gpt2"))
+    torch.manual_seed(0)
+    policy = build_policy(Policy(model=str(tiny_dir / "gpt2")), CPU)
+    g = torch.Generator().manual_seed(0)
+    queries = [torch.randint(1, 200, (int(k),), generator=g) for k in torch.randint(2, 9, (16,), generator=g)]
+    lengths = [int(k) for k in torch.randint(4, 9, (16,), generator=g)]
+    gen = Generation(response_min_tokens=4, response_max_tokens=8)
+
+    def sample(compile):
+        torch.manual_seed(5)
+        return generate(policy, tok, queries, lengths, dataclasses.replace(gen, compile=compile), CPU)
+
+    def agree(a, b):
+        return sum(torch.equal(x, y) for x, y in zip(a, b))
+
+    before = sample(True)
+    assert hasattr(policy.pretrained_model.get_base_model(), "_compiled_call")  # compiled, on a CPU too
+    assert all(len(r) <= n for r, n in zip(before, lengths))
+    assert agree(before, sample(False)) >= 14
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=1.0)
+    after = sample(True)
+    assert agree(after, sample(False)) >= 14 and agree(after, before) <= 10
+    assert pad_batch(queries, 0, multiple=8)[0].shape == (16, 8)  # prompts of 2-8 tokens: one width
+
+
 def test_max_grad_norm_clips_every_minibatch(tiny_dir):
     from rlhf_recipes import apply_overrides, load_recipe, trl_backend
 

@@ -47,9 +47,11 @@ def learned(records):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["imdb_positive", "flan_t5_detox"])  # causal, and encoder-decoder after SFT
-def test_sigkill_then_resume_gives_the_same_steps_as_an_uninterrupted_run(name, tiny_dir, tmp_path):
-    steps = ["run.steps=6", "run.checkpoint_every=2", "run.keep_checkpoints=2"]
+@pytest.mark.parametrize("name,extra", [("imdb_positive", ()), ("flan_t5_detox", ()),  # and encoder-decoder after SFT
+                                        ("imdb_positive", ("generation.compile=true",))],  # compiled sampling
+                         ids=["causal", "encoder-decoder", "compiled-sampling"])
+def test_sigkill_then_resume_gives_the_same_steps_as_an_uninterrupted_run(name, extra, tiny_dir, tmp_path):
+    steps = ["run.steps=6", "run.checkpoint_every=2", "run.keep_checkpoints=2", *extra]
     assert main(args_for(tiny_dir, tmp_path / "whole", *steps, name=name)) == 0
 
     out = tmp_path / "killed"

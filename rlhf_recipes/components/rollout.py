@@ -5,20 +5,22 @@ import contextlib
 import os
 
 import torch
-from transformers import GenerationConfig
+from transformers import CompileConfig, GenerationConfig
 
 from ..config.sections import Generation
 from .seq2seq import is_encoder_decoder
 
 
-def pad_batch(seqs: list[torch.Tensor], pad_id: int, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(seqs: list[torch.Tensor], pad_id: int, side: str = "left",
+              multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack 1-D token tensors, padded on `side`.
 
-    seqs: n tensors of shape (len_i,) -> (input_ids, attention_mask), both (n, max len_i).
+    seqs: n tensors of shape (len_i,) -> (input_ids, attention_mask), both (n, W), W the
+    longest len_i rounded up to a multiple of `multiple`.
     Left for generation (continue from the right end); right for scoring, so that with
     no position ids every token sits at the position it had when sampled.
     """
-    width = max(len(s) for s in seqs)
+    width = -(-max(len(s) for s in seqs) // multiple) * multiple
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
@@ -49,6 +51,16 @@ def sampling_config(gen: Generation, max_new_tokens: int, tokenizer) -> Generati
     return GenerationConfig(do_sample=True, top_k=gen.top_k, top_p=gen.top_p, temperature=gen.temperature,
                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                             eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+
+
+def compiled_decoding(config: GenerationConfig) -> GenerationConfig:
+    """`config` with transformers' static KV cache and its compiled decoding step (generation.compile).
+    transformers compiles by itself only on accelerators; its own switch for other devices is
+    the compile config's _compile_all_devices (private, the same on 4.57 and 5.x)."""
+    config.cache_implementation = "static"
+    config.compile_config = CompileConfig()  # transformers' defaults: CUDA graphs where there is CUDA
+    config.compile_config._compile_all_devices = True
+    return config
 
 
 def _base(model):
@@ -98,8 +110,12 @@ def generate(model, tokenizer, queries: list[torch.Tensor], lengths: list[int], 
         for start in range(0, len(queries), chunk):
             qs, ls = queries[start:start + chunk], lengths[start:start + chunk]
             # a causal LM continues from the right end; an encoder reads its whole input
-            ids, mask = pad_batch(qs, tokenizer.pad_token_id, side="right" if encoder_decoder else "left")
-            config = sampling_config(gen, max(ls), tokenizer)
+            # compiled, a batch's shape is a compilation: few widths, and every batch to the longest length
+            ids, mask = pad_batch(qs, tokenizer.pad_token_id, side="right" if encoder_decoder else "left",
+                                  multiple=8 if gen.compile else 1)
+            config = sampling_config(gen, gen.response_max_tokens if gen.compile else max(ls), tokenizer)
+            if gen.compile:
+                compiled_decoding(config)
             if encoder_decoder:
                 config.decoder_start_token_id = _base(model).config.decoder_start_token_id
             with no_model_defaults(model):
