@@ -50,13 +50,16 @@ class _MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return importlib.util.spec_from_loader(fullname, self) if package == __name__ and name in MOVED else None
 
     def create_module(self, spec):
-        return _moved(spec.name.rpartition(".")[2])
+        module = _moved(spec.name.rpartition(".")[2])
+        spec.loader_state = module.__spec__  # importlib sets __spec__ to the alias's: put the module's own back
+        return module
 
     def exec_module(self, module):
-        pass
+        module.__spec__ = module.__spec__.loader_state
 
 
-if not any(isinstance(finder, _MovedFinder) for finder in sys.meta_path):
+if not any(type(finder).__qualname__ == "_MovedFinder" and type(finder).__module__ == __name__
+           for finder in sys.meta_path):  # once, however often this package is reloaded
     sys.meta_path.append(_MovedFinder())
 
 
@@ -68,6 +71,7 @@ def __getattr__(name: str):
 
         globals()["train"] = train
         return train
-    if name in MOVED:
-        return _moved(name)
+    if name in MOVED:  # warned once: bound here after, as a submodule import would bind it
+        globals()[name] = module = _moved(name)
+        return module
     raise AttributeError(f"module 'rlhf_recipes' has no attribute {name!r}")

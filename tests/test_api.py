@@ -3,6 +3,7 @@ and the README's Python examples run as written, from another directory, against
 (non-editable) install in a venv of its own."""
 import os
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -44,8 +45,17 @@ def installed(tmp_path_factory):
     python = venv / "bin" / "python"
     site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
+    # from a copy of what git would commit: setuptools builds through ROOT/build/lib and never
+    # clears it, so modules deleted or moved since an earlier build would ship as well
+    source = root / "source"
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.splitlines()
+    for name in listed:
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(site), str(ROOT)], check=True, timeout=300, cwd=root)
+                    "--target", str(site), str(source)], check=True, timeout=300, cwd=root)
     # the dependencies, from this environment; a .pth line adds a directory but runs none of its
     # .pth files, so the editable install of this checkout stays out
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
@@ -88,6 +98,7 @@ def test_the_flat_layouts_module_names_still_import_as_the_same_modules_with_a_w
     sys.modules.pop("rlhf_recipes.policy", None)  # as in a fresh process, whatever ran before
     with pytest.warns(DeprecationWarning, match=r"rlhf_recipes\.policy is now rlhf_recipes\.components\.policy"):
         assert importlib.import_module("rlhf_recipes.policy") is policy
+    assert policy.__spec__.name == "rlhf_recipes.components.policy"  # its own spec, not the alias's
     with pytest.warns(DeprecationWarning, match="rlhf_recipes.runtime.distributed"):
         from rlhf_recipes import distributed
     assert distributed is importlib.import_module("rlhf_recipes.runtime.distributed")

@@ -218,7 +218,9 @@ def test_compiled_sampling_samples_as_the_plain_model_does_as_the_adapters_move(
         return sum(torch.equal(x, y) for x, y in zip(a, b))
 
     before = sample(True)
-    assert hasattr(policy.pretrained_model.get_base_model(), "_compiled_call")  # compiled, on a CPU too
+    base = policy.pretrained_model.get_base_model()
+    assert hasattr(base, "_compiled_call")  # compiled, on a CPU too
+    assert not hasattr(base, "_cache")  # transformers 4.57's static cache is not kept through the update
     assert all(len(r) <= n for r, n in zip(before, lengths))
     assert agree(before, sample(False)) >= 14
     with torch.no_grad():
@@ -228,6 +230,32 @@ def test_compiled_sampling_samples_as_the_plain_model_does_as_the_adapters_move(
     after = sample(True)
     assert agree(after, sample(False)) >= 14 and agree(after, before) <= 10
     assert pad_batch(queries, 0, multiple=8)[0].shape == (16, 8)  # prompts of 2-8 tokens: one width
+
+
+def test_compiled_sampling_is_off_for_a_bitsandbytes_policy_and_the_run_says_so(tiny_dir):
+    """transformers cannot compile bitsandbytes' layers: such a policy samples exactly as without
+    generation.compile (no static cache, no padding to 8, no running to the longest length)."""
+    import dataclasses
+
+    from rlhf_recipes import Generation, apply_overrides, load_recipe
+    from rlhf_recipes.components.rollout import compiles, generate
+    from rlhf_recipes.runtime.startup import notices
+
+    tok = load_tokenizer("policy.model", str(tiny_dir / "gpt2"))
+    policy = build_policy(Policy(model=str(tiny_dir / "gpt2"), quantization="8bit"), CPU)
+    assert not compiles(policy) and compiles(build_policy(Policy(model=str(tiny_dir / "gpt2")), CPU))
+    queries, lengths = [torch.tensor([5, 17, 42]), torch.tensor([7, 9])], [5, 3]
+    gen = Generation(response_min_tokens=3, response_max_tokens=5)
+    samples = []
+    for compile in (False, True):
+        torch.manual_seed(3)
+        samples.append([r.tolist() for r in generate(policy, tok, queries, lengths,
+                                                     dataclasses.replace(gen, compile=compile), CPU)])
+    assert samples[0] == samples[1] and not hasattr(policy.pretrained_model.get_base_model(), "_compiled_call")
+    recipe = apply_overrides(load_recipe("imdb_positive"), ["generation.compile=true", "policy.quantization=8bit"])
+    assert any("generation.compile is off" in text for _, text in notices(recipe, 1, CPU))
+    assert not any("generation.compile" in text for _, text in notices(
+        apply_overrides(recipe, ["policy.quantization=none"]), 1, CPU))
 
 
 def test_max_grad_norm_clips_every_minibatch(tiny_dir):

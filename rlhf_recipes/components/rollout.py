@@ -7,6 +7,7 @@ import os
 import torch
 from transformers import CompileConfig, GenerationConfig
 
+from . import compat
 from ..config.sections import Generation
 from .seq2seq import is_encoder_decoder
 
@@ -63,6 +64,13 @@ def compiled_decoding(config: GenerationConfig) -> GenerationConfig:
     return config
 
 
+def compiles(model) -> bool:
+    """Whether transformers can compile `model`'s decoding: not through bitsandbytes' 8-bit and
+    4-bit layers (their quantizer says so), where generation.compile samples as usual."""
+    quantizer = getattr(_base(model), "hf_quantizer", None)
+    return quantizer is None or bool(getattr(quantizer, "is_compileable", False))
+
+
 def _base(model):
     """The transformers model inside TRL's value-head wrapper and PEFT's."""
     inner = getattr(model, "pretrained_model", model)
@@ -106,21 +114,24 @@ def generate(model, tokenizer, queries: list[torch.Tensor], lengths: list[int], 
     chunk = gen.batch_size or len(queries)
     responses: list[torch.Tensor] = []
     encoder_decoder = is_encoder_decoder(model)
+    compiled = gen.compile and compiles(model)
     with evaluating(model):
         for start in range(0, len(queries), chunk):
             qs, ls = queries[start:start + chunk], lengths[start:start + chunk]
             # a causal LM continues from the right end; an encoder reads its whole input
             # compiled, a batch's shape is a compilation: few widths, and every batch to the longest length
             ids, mask = pad_batch(qs, tokenizer.pad_token_id, side="right" if encoder_decoder else "left",
-                                  multiple=8 if gen.compile else 1)
-            config = sampling_config(gen, gen.response_max_tokens if gen.compile else max(ls), tokenizer)
-            if gen.compile:
+                                  multiple=8 if compiled else 1)
+            config = sampling_config(gen, gen.response_max_tokens if compiled else max(ls), tokenizer)
+            if compiled:
                 compiled_decoding(config)
             if encoder_decoder:
                 config.decoder_start_token_id = _base(model).config.decoder_start_token_id
             with no_model_defaults(model):
                 out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                      generation_config=config)
+            if compiled:
+                compat.drop_static_cache(_base(model))
             # a decoder's output from its start token, which stays (TRL reads it as given); a causal
             # LM's continuation after the prompt
             new = out.cpu() if encoder_decoder else out[:, ids.shape[1]:].cpu()

@@ -36,6 +36,9 @@ def notices(recipe: Recipe, processes: int, device: torch.device) -> list[tuple[
     note = sampling_note(recipe.generation)
     if note:
         out.append(("warning", note))
+    if recipe.generation.compile and recipe.policy.quantization != "none":
+        out.append(("note", f"generation.compile is off for this policy: transformers cannot compile "
+                            f"bitsandbytes' {recipe.policy.quantization} layers, so it samples as usual"))
     if recipe.policy.quantization != "none" and device.type == "cpu":
         out.append(("note", f"policy.quantization={recipe.policy.quantization} on a CPU runs bitsandbytes' CPU "
                             "kernels, 10 to 30 times slower than float32: for testing; train on a GPU"))
