@@ -22,7 +22,7 @@ quiet.install()
 
 __all__ = ["DPO", "PPO", "SFT", "Eval", "Generation", "Policy", "Prompts", "Recipe", "RecipeError", "Reward", "RewardModel", "Run",
            "apply_overrides", "load_recipe", "shipped_recipes", "train"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 # Where the modules of the flat layout (up to 0.1.0) went: their old names still import, with a
