@@ -95,7 +95,9 @@ def test_the_flat_layouts_module_names_still_import_as_the_same_modules_with_a_w
     import rlhf_recipes
     from rlhf_recipes.components import policy
 
-    sys.modules.pop("rlhf_recipes.policy", None)  # as in a fresh process, whatever ran before
+    # as in a fresh process, whatever ran before: the alias and the package attribute not yet made
+    sys.modules.pop("rlhf_recipes.policy", None)
+    vars(rlhf_recipes).pop("distributed", None)
     with pytest.warns(DeprecationWarning, match=r"rlhf_recipes\.policy is now rlhf_recipes\.components\.policy"):
         assert importlib.import_module("rlhf_recipes.policy") is policy
     assert policy.__spec__.name == "rlhf_recipes.components.policy"  # its own spec, not the alias's
