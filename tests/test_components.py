@@ -124,19 +124,20 @@ def test_gpt2_tokenizer_gets_a_pad_token(tiny_dir):
     assert tok.pad_token == tok.eos_token and tok.pad_token_id is not None
 
 
-def test_trl_scores_each_token_as_it_was_sampled(tiny_dir):
-    """In a batch of ragged queries, the log-probs TRL trains on equal the unpadded ones."""
-    from rlhf_recipes import apply_overrides, load_recipe, trl_backend
+def test_ppo_scores_each_token_as_it_was_sampled(tiny_dir):
+    """In a batch of ragged queries, the log-probs PPO trains on equal the unpadded ones."""
+    from rlhf_recipes import apply_overrides, load_recipe, ppo
+    from rlhf_recipes.ppo.scoring import score
 
     recipe = apply_overrides(load_recipe("imdb_positive"), [
         f"policy.model={tiny_dir / 'gpt2'}", "ppo.batch_size=2", "ppo.mini_batch_size=2", "run.output_dir=x"])
     tok = load_tokenizer("policy.model", recipe.policy.model)
     policy = build_policy(recipe.policy, CPU)
-    trainer = trl_backend.make_trainer(recipe, policy, tok)
+    trainer = ppo.make_trainer(recipe, policy, tok)
     queries = [torch.tensor([5, 17, 42, 8, 99, 3]), torch.tensor([7, 9])]
     responses = [torch.tensor([11, 12, 13]), torch.tensor([21, 22, 23])]
-    logprobs, _, _, masks = trainer.batched_forward_pass(policy, queries, responses,
-                                                         trainer.prepare_model_inputs(queries, responses))
+    with torch.no_grad():
+        logprobs, _, _, masks = score(policy, trainer.batch(queries, responses), trainer.passes)
     for i, (q, r) in enumerate(zip(queries, responses)):
         seq = torch.cat([q, r])
         with torch.no_grad():
@@ -259,14 +260,14 @@ def test_compiled_sampling_is_off_for_a_bitsandbytes_policy_and_the_run_says_so(
 
 
 def test_max_grad_norm_clips_every_minibatch(tiny_dir):
-    from rlhf_recipes import apply_overrides, load_recipe, trl_backend
+    from rlhf_recipes import apply_overrides, load_recipe, ppo
 
     recipe = apply_overrides(load_recipe("imdb_positive"), [f"policy.model={tiny_dir / 'gpt2'}", "ppo.max_grad_norm=1.0",
                                                             "run.output_dir=x"])
     policy = build_policy(recipe.policy, CPU)
-    trainer = trl_backend.make_trainer(recipe, policy, load_tokenizer("policy.model", recipe.policy.model))
+    trainer = ppo.make_trainer(recipe, policy, load_tokenizer("policy.model", recipe.policy.model))
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    for _ in range(2):  # TRL's own one-shot filter() would be empty the second time
+    for _ in range(2):  # TRL 0.11.4's one-shot filter() was empty the second time
         assert len(list(trainer.model_params)) == len(trainable) > 0
 
 

@@ -123,9 +123,9 @@ def test_non_finite_rewards_are_skipped_then_stop_the_run_with_a_checkpoint(tiny
 
 
 def test_non_finite_losses_are_rolled_back_and_stop_after_k_in_a_row(tiny_dir, tmp_path, monkeypatch, capsys):
-    from rlhf_recipes import trl_backend
+    from rlhf_recipes import ppo
 
-    real_step, calls = trl_backend.ppo_step, []
+    real_step, calls = ppo.ppo_step, []
 
     def corrupting_step(trainer, queries, responses, rewards):
         stats = real_step(trainer, queries, responses, rewards)
@@ -135,7 +135,7 @@ def test_non_finite_losses_are_rolled_back_and_stop_after_k_in_a_row(tiny_dir, t
             stats["ppo/loss/total"] = float("nan")
         return stats
 
-    monkeypatch.setattr(trl_backend, "ppo_step", corrupting_step)
+    monkeypatch.setattr(ppo, "ppo_step", corrupting_step)
     out = tmp_path / "run"
     assert main(args_for(tiny_dir, out, "run.steps=10", "run.max_bad_batches=3", "run.checkpoint_every=1",
                          "run.keep_checkpoints=10")) == 1

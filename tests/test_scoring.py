@@ -1,19 +1,19 @@
-"""PPO's scoring passes at the response tokens only (rlhf_recipes.components.token_scores, used by
-trl_backend's trainer) give what TRL's own full-vocabulary, every-position passes give: the
-same masks, log-probs, values and entropies, bit for bit, and a whole step the same statistics
-and the same trained weights."""
+"""PPO's scoring passes at the response tokens only, and packed (rlhf_recipes.ppo.scoring), give
+what the padded full-vocabulary, every-position pass gives: the same masks, log-probs, values
+and entropies, bit for bit or to float precision, and a whole step the same statistics and the
+same trained weights. The padded pass is TRL 0.11.4's own, bit for bit (tests/test_parity.py)."""
 import dataclasses
 import inspect
 
 import pytest
 import torch
-from trl import PPOTrainer
-from trl.core import entropy_from_logits
 
 from conftest import SMALL, local_overrides
-from rlhf_recipes import apply_overrides, load_recipe, trl_backend
+from rlhf_recipes import apply_overrides, load_recipe, ppo
 from rlhf_recipes.components import token_scores
 from rlhf_recipes.components.policy import build_policy, load_tokenizer
+from rlhf_recipes.ppo import maths
+from rlhf_recipes.ppo.scoring import score
 
 CPU = torch.device("cpu")
 
@@ -49,7 +49,7 @@ def test_response_mask_is_trls_without_the_loop(side):
 
 @pytest.fixture(scope="module")
 def recipe(tiny_dir):
-    """TRL's padded rows (ppo.pack_rows=false), to compare with TRL's own passes bit for bit."""
+    """Padded rows (ppo.pack_rows=false), to compare with the padded pass bit for bit."""
     return apply_overrides(load_recipe("imdb_positive"), [*local_overrides("imdb_positive", tiny_dir), *SMALL,
                                                           "ppo.learning_rate=1e-2", "ppo.pack_rows=false"])
 
@@ -62,14 +62,19 @@ def ragged(n, seed=0):
     return queries, responses
 
 
-def forward_shapes(trainer, policy, queries, responses, inputs, **kwargs):
-    """batched_forward_pass's result, and the (rows, width) of each model call it made."""
+def forward_shapes(trainer, policy, batch, extra=None):
+    """The trainer's pass over `batch`, and the (rows, width) of each model call it made."""
     shapes = []
     handle = policy.v_head.register_forward_pre_hook(lambda m, args: shapes.append(args[0].shape[:2]))
     try:
-        return trainer.batched_forward_pass(policy, queries, responses, inputs, **kwargs), shapes
+        return score(policy, batch, trainer.passes, extra), shapes
     finally:
         handle.remove()
+
+
+def padded(trainer, policy, batch, extra=None):
+    """The padded pass (TRL 0.11.4's), LM head at every position, over `batch`."""
+    return score(policy, batch, dataclasses.replace(trainer.passes, responses_only=False, pack_rows=False), extra)
 
 
 @pytest.mark.parametrize("arch,dtype", [("gpt2", "float32"), ("gpt2", "bfloat16"), ("gpt-neo", "float32"),
@@ -81,48 +86,48 @@ def test_every_causal_architecture_scores_at_the_responses_alone(tiny_dir, recip
     torch.manual_seed(0)
     policy = build_policy(recipe.policy, CPU)
     modes = [m.training for m in policy.modules()]
-    trainer = trl_backend.make_trainer(recipe, policy, load_tokenizer("p", recipe.policy.model))
+    trainer = ppo.make_trainer(recipe, policy, load_tokenizer("p", recipe.policy.model))
     assert [m.training for m in policy.modules()] == modes  # the probe's passes leave every module as it was
     base = policy.pretrained_model.get_base_model()
     if "logits_to_keep" not in inspect.signature(type(base).forward).parameters:  # GPT-Neo on transformers 4.57
-        assert not trainer.responses_only  # it would compute every position's logits anyway: TRL's pass
+        assert not trainer.responses_only  # it would compute every position's logits anyway: the padded pass
         return
     assert trainer.responses_only
     queries, responses = ragged(8)
-    inputs = trainer.prepare_model_inputs(queries, responses)
+    batch = trainer.batch(queries, responses)
     for grad in (False, True):
         with torch.set_grad_enabled(grad):
-            ours = trainer.batched_forward_pass(policy, queries, responses, inputs, return_logits=grad)
-            theirs = PPOTrainer.batched_forward_pass(trainer, policy, queries, responses, inputs, return_logits=grad)
+            ours = score(policy, batch, trainer.passes, "entropy" if grad else None)
+            theirs = padded(trainer, policy, batch, "entropy" if grad else None)
         logprobs, entropies, values, masks = ours
         assert torch.equal(masks, theirs[3])
-        assert torch.equal(logprobs * masks, theirs[0] * masks)  # TRL's are not zero at prompt and padding
+        assert torch.equal(logprobs * masks, theirs[0] * masks)  # the padded pass's are not zero at prompt and padding
         assert torch.equal(values, theirs[2])
         if grad:
             assert logprobs.requires_grad and values.requires_grad
-            assert torch.equal(entropies * masks, entropy_from_logits(theirs[1]).detach() * masks)
+            assert torch.equal(entropies * masks, theirs[1].detach() * masks)
             assert not entropies.requires_grad  # a statistic only, unless ppo.entropy_coef puts it in the loss
         else:
             assert entropies is None
 
 
-def test_a_model_whose_logits_are_not_its_head_of_the_last_hidden_state_keeps_trls_pass(recipe):
+def test_a_model_whose_logits_are_not_its_head_of_the_last_hidden_state_keeps_the_padded_pass(recipe):
     torch.manual_seed(0)
     policy = build_policy(recipe.policy, CPU)
     base = policy.pretrained_model.get_base_model()
     # as Gemma 2's soft cap or Cohere's logit scale: the logits are changed after the head
     handle = base.register_forward_hook(lambda m, a, out: out.__setitem__("logits", out["logits"] * 2) or out)
     try:
-        trainer = trl_backend.make_trainer(recipe, policy, load_tokenizer("p", recipe.policy.model))
+        trainer = ppo.make_trainer(recipe, policy, load_tokenizer("p", recipe.policy.model))
         assert not trainer.responses_only
         queries, responses = ragged(8)
-        stats = trl_backend.ppo_step(trainer, queries, responses, [float(i) for i in range(8)])
+        stats = ppo.ppo_step(trainer, queries, responses, [float(i) for i in range(8)])
         assert stats["objective/kl"] == 0.0
     finally:
         handle.remove()
 
 
-def test_a_model_that_fails_the_response_only_call_keeps_trls_pass(recipe):
+def test_a_model_that_fails_the_response_only_call_keeps_the_padded_pass(recipe):
     torch.manual_seed(0)
     policy = build_policy(recipe.policy, CPU)
 
@@ -132,37 +137,38 @@ def test_a_model_that_fails_the_response_only_call_keeps_trls_pass(recipe):
 
     handle = policy.pretrained_model.get_base_model().register_forward_pre_hook(refuse, with_kwargs=True)
     try:
-        trainer = trl_backend.make_trainer(recipe, policy, load_tokenizer("p", recipe.policy.model))
+        trainer = ppo.make_trainer(recipe, policy, load_tokenizer("p", recipe.policy.model))
         assert not trainer.responses_only
         queries, responses = ragged(8)
-        assert trl_backend.ppo_step(trainer, queries, responses, [float(i) for i in range(8)])["objective/kl"] == 0.0
+        assert ppo.ppo_step(trainer, queries, responses, [float(i) for i in range(8)])["objective/kl"] == 0.0
     finally:
         handle.remove()
 
 
 @pytest.mark.parametrize("entropy_coef", [0.0, 0.01])
-def test_a_step_gives_trls_statistics_and_weights_to_the_last_bits(recipe, entropy_coef):
-    """One PPO step (2 epochs x 2 minibatches) with the response-only passes and with TRL's,
-    from the same weights and seed: every statistic and every trained weight the same to the
-    last bits. (Bit for bit on the Intel CPU where this was written; on an AMD EPYC the gradient
-    sums over the response rows alone, not over every position with zeros at the others, take
-    other kernel blockings and differ by about 1e-6 relative over two steps.)"""
+def test_a_step_gives_the_padded_passs_statistics_and_weights_to_the_last_bits(recipe, entropy_coef):
+    """One PPO step (2 epochs x 2 minibatches) with the response-only passes and with the padded
+    ones, from the same weights and seed: every statistic and every trained weight the same to the
+    last bits. (Bit for bit on the Intel CPU where this was first written; on an AMD EPYC the
+    gradient sums over the response rows alone, not over every position with zeros at the others,
+    take other kernel blockings and differ by about 1e-6 relative over two steps.)"""
     recipe = dataclasses.replace(recipe, ppo=dataclasses.replace(recipe.ppo, entropy_coef=entropy_coef))
     results = []
     for responses_only in (True, False):
         torch.manual_seed(0)
         policy = build_policy(recipe.policy, CPU)
-        trainer = trl_backend.make_trainer(recipe, policy, load_tokenizer("p", recipe.policy.model))
-        trainer.responses_only = responses_only
-        passes = []  # so that the comparison cannot pass with the response-only pass never run
-        real_pass = trainer._response_pass
-        trainer._response_pass = lambda *a, **k: passes.append(1) or real_pass(*a, **k)
+        trainer = ppo.make_trainer(recipe, policy, load_tokenizer("p", recipe.policy.model))
+        trainer.passes = dataclasses.replace(trainer.passes, responses_only=responses_only)
+        calls = []  # so that the comparison cannot pass with the response-only pass never run
+        handle = policy.pretrained_model.get_base_model().register_forward_pre_hook(
+            lambda m, a, k: calls.append(k.get("logits_to_keep")), with_kwargs=True)
         queries, responses = ragged(8, seed=1)
-        stats = [trl_backend.ppo_step(trainer, queries, responses, [float(i) - 3 for i in range(8)])
+        stats = [ppo.ppo_step(trainer, queries, responses, [float(i) - 3 for i in range(8)])
                  for _ in range(2)]  # the second step starts from a moved policy: KL and ratios not trivial
+        handle.remove()
         params = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
-        # per step: 2 scoring passes and 2 epochs x 2 minibatches
-        assert len(passes) == (12 if responses_only else 0)
+        # per step: 2 scoring passes and 2 epochs x 2 minibatches, of 2 chunks each for scoring
+        assert calls.count(1) == (16 if responses_only else 0)
         results.append((stats, params))
     (ours, our_params), (theirs, their_params) = results
     assert ours[1]["objective/kl"] != 0.0
@@ -172,10 +178,8 @@ def test_a_step_gives_trls_statistics_and_weights_to_the_last_bits(recipe, entro
     assert all(torch.allclose(our_params[n], their_params[n], rtol=1e-4, atol=1e-5) for n in their_params)
 
 
-def test_rewards_for_the_batch_at_once_are_trls_row_by_row(recipe):
-    torch.manual_seed(0)
-    trainer = trl_backend.make_trainer(recipe, build_policy(recipe.policy, CPU), load_tokenizer("p", recipe.policy.model))
-    trainer.kl_ctl.value = 0.37
+def test_rewards_for_the_batch_at_once_are_trls_row_by_row():
+    """maths.token_rewards against TRL 0.11.4's compute_rewards loop, written out here."""
     g = torch.Generator().manual_seed(2)
     logprobs, ref = torch.randn(6, 11, generator=g), torch.randn(6, 11, generator=g)
     masks = torch.zeros(6, 11, dtype=torch.long)
@@ -183,59 +187,64 @@ def test_rewards_for_the_batch_at_once_are_trls_row_by_row(recipe):
         masks[j, a:b] = 1
     scores = torch.randn(6, generator=g)
     for penalty in ("kl", "abs", "mse"):
-        trainer.config.kl_penalty = penalty
-        ours = trainer.compute_rewards(scores, logprobs, ref, masks)
-        theirs = PPOTrainer.compute_rewards(trainer, scores, logprobs, ref, masks)
-        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+        kls = maths.kl_penalty(logprobs, ref, penalty)
+        rewards, non_score = maths.token_rewards(scores, kls, masks, 0.37)
+        for j in range(6):  # TRL's loop: the penalty everywhere, the score at the last scored token
+            row = -0.37 * kls[j]
+            assert torch.equal(non_score[j], row)
+            row = row.clone()
+            row[masks[j].nonzero()[-1]] += scores[j]
+            assert torch.equal(rewards[j], row)
     masks[2] = 0  # a response with nothing scored: its score would land nowhere
     with pytest.raises(ValueError, match="no scored token"):
-        trainer.compute_rewards(scores, logprobs, ref, masks)
+        maths.token_rewards(scores, kls, masks, 0.37)
 
 
 def test_rollback_puts_back_everything_a_step_changes_and_the_check_sees_any_non_finite(recipe):
     torch.manual_seed(0)
     policy = build_policy(recipe.policy, CPU)
-    trainer = trl_backend.make_trainer(recipe, policy, load_tokenizer("p", recipe.policy.model))
-    rollback = trl_backend.Rollback(trainer)
+    trainer = ppo.make_trainer(recipe, policy, load_tokenizer("p", recipe.policy.model))
+    rollback = ppo.Rollback(trainer)
     queries, responses = ragged(8)
     rewards = [float(i) for i in range(8)]
     for step in range(3):  # the first from a full copy (no optimizer state yet), then in place
         rollback.take()
-        before = trl_backend.trainer_state(trainer)
-        stats = trl_backend.ppo_step(trainer, queries, responses, rewards)
-        assert trl_backend.step_is_finite(trainer, stats)
+        before = ppo.trainer_state(trainer)
+        stats = ppo.ppo_step(trainer, queries, responses, rewards)
+        assert ppo.step_is_finite(trainer, stats)
         rollback.restore()
-        after = trl_backend.trainer_state(trainer)
+        after = ppo.trainer_state(trainer)
         assert (rollback.full is None) == (step > 0)
         assert all(torch.equal(before["params"][n], after["params"][n]) for n in before["params"])
         for p, state in before["optimizer"]["state"].items():
             assert all(torch.equal(v, after["optimizer"]["state"][p][k]) for k, v in state.items())
         assert (before["kl_coef"], before["running"]) == (after["kl_coef"], after["running"])
-        trl_backend.ppo_step(trainer, queries, responses, rewards)  # and move on, so the next step has state
+        ppo.ppo_step(trainer, queries, responses, rewards)  # and move on, so the next step has state
     param = next(p for p in policy.parameters() if p.requires_grad)
     for value, finite in ((1e30, True), (float("inf"), False), (float("nan"), False)):
         with torch.no_grad():
             param.view(-1)[0] = value
-        assert trl_backend.step_is_finite(trainer, stats) is finite
+        assert ppo.step_is_finite(trainer, stats) is finite
 
 
-def test_length_buckets_score_rows_of_similar_length_together_and_agree_with_trl(recipe):
+def test_length_buckets_score_rows_of_similar_length_together_and_agree_with_the_padded_pass(recipe):
     bucketed = dataclasses.replace(recipe, ppo=dataclasses.replace(recipe.ppo, length_buckets=2))
     torch.manual_seed(0)
     policy = build_policy(bucketed.policy, CPU)
-    trainer = trl_backend.make_trainer(bucketed, policy, load_tokenizer("p", recipe.policy.model))
+    trainer = ppo.make_trainer(bucketed, policy, load_tokenizer("p", recipe.policy.model))
     queries, responses = ragged(8, seed=3)
-    inputs = trainer.prepare_model_inputs(queries, responses)
+    batch = trainer.batch(queries, responses)
     with torch.no_grad():
-        ours, widths = forward_shapes(trainer, policy, queries, responses, inputs)
-    theirs = PPOTrainer.batched_forward_pass(trainer, policy, queries, responses, inputs)
+        ours, widths = forward_shapes(trainer, policy, batch)
+        theirs = padded(trainer, policy, batch)
     # 2 chunks of mini_batch_size 4, each as 2 passes of 2 rows, the shorter ones trimmed
     lengths = sorted([len(q) + len(r) for q, r in zip(queries[:4], responses[:4])])
-    assert len(widths) == 4 and widths[0] == (2, lengths[1]) and min(w for _, w in widths) < inputs["input_ids"].shape[1]
+    assert len(widths) == 4 and widths[0] == (2, lengths[1])
+    assert min(w for _, w in widths) < batch.inputs["input_ids"].shape[1]
     assert torch.equal(ours[3], theirs[3])
     assert torch.allclose(ours[0] * ours[3], theirs[0] * theirs[3], atol=1e-5)
     assert torch.allclose(ours[2] * ours[3], theirs[2] * theirs[3], atol=1e-5)
-    stats = trl_backend.ppo_step(trainer, queries, responses, [float(i) for i in range(8)])
+    stats = ppo.ppo_step(trainer, queries, responses, [float(i) for i in range(8)])
     assert stats["objective/kl"] == 0.0  # the policy's and the reference's passes are bucketed alike
     with pytest.raises(Exception, match="length_buckets"):
         dataclasses.replace(recipe.ppo, length_buckets=0)
@@ -270,16 +279,16 @@ def test_packing_lays_rows_end_to_end_at_positions_of_their_own():
 
 @pytest.mark.parametrize("arch,dtype", [("gpt2", "float32"), ("gpt2", "bfloat16"), ("gpt-neo", "float32"),
                                         ("gpt-neox", "float32"), ("llama", "float32")])
-def test_packed_rows_score_as_trls_padded_ones(tiny_dir, recipe, arch, dtype):
+def test_packed_rows_score_as_padded_ones(tiny_dir, recipe, arch, dtype):
     """ppo.pack_rows: every architecture keeps packed rows apart (its start-up probe says so), and
-    the log-probs, values and entropies are TRL's to float precision, with gradients."""
+    the log-probs, values and entropies are the padded pass's to float precision, with gradients."""
     recipe = dataclasses.replace(recipe, policy=dataclasses.replace(recipe.policy, model=str(tiny_dir / arch),
                                                                     dtype=dtype),
                                  ppo=dataclasses.replace(recipe.ppo, pack_rows=True, mini_batch_size=8))
     torch.manual_seed(0)
     policy = build_policy(recipe.policy, CPU)
-    trainer = trl_backend.make_trainer(recipe, policy, load_tokenizer("p", recipe.policy.model))
-    if not trainer.responses_only:  # GPT-Neo on transformers 4.57: TRL's pass, and no packing
+    trainer = ppo.make_trainer(recipe, policy, load_tokenizer("p", recipe.policy.model))
+    if not trainer.responses_only:  # GPT-Neo on transformers 4.57: the padded pass, and no packing
         assert not trainer.pack_rows
         return
     assert trainer.pack_rows
@@ -288,20 +297,20 @@ def test_packed_rows_score_as_trls_padded_ones(tiny_dir, recipe, arch, dtype):
     # packing must go by the attention mask, not by the token ids
     pad = trainer.tokenizer.pad_token_id
     responses[0][-1], responses[3][0], queries[1][0] = pad, pad, pad
-    inputs = trainer.prepare_model_inputs(queries, responses)
-    ours, shapes = forward_shapes(trainer, policy, queries, responses, inputs, return_logits=True)
-    theirs = PPOTrainer.batched_forward_pass(trainer, policy, queries, responses, inputs, return_logits=True)
+    batch = trainer.batch(queries, responses)
+    ours, shapes = forward_shapes(trainer, policy, batch, "entropy")
+    theirs = padded(trainer, policy, batch, "entropy")
     lengths = [len(q) + len(r) for q, r in zip(queries, responses)]
-    assert shapes[0].numel() < inputs["input_ids"].numel() and shapes[0][1] >= max(lengths)  # packed, none cut
+    assert shapes[0].numel() < batch.inputs["input_ids"].numel() and shapes[0][1] >= max(lengths)  # packed, none cut
     assert shapes[0].numel() < 1.5 * sum(lengths)
     tol = dict(rtol=0.05, atol=0.05) if dtype == "bfloat16" else dict(rtol=1e-4, atol=1e-5)
     masks = theirs[3]
     assert torch.equal(ours[3], masks)
     assert torch.allclose(ours[0] * masks, theirs[0] * masks, **tol)
     assert torch.allclose(ours[2] * masks, theirs[2] * masks, **tol)
-    assert torch.allclose(ours[1] * masks, entropy_from_logits(theirs[1]).detach() * masks, **tol)
+    assert torch.allclose(ours[1] * masks, theirs[1].detach() * masks, **tol)
     assert ours[0].requires_grad and ours[2].requires_grad
-    stats = trl_backend.ppo_step(trainer, queries, responses, [float(i) for i in range(8)])
+    stats = ppo.ppo_step(trainer, queries, responses, [float(i) for i in range(8)])
     assert stats["objective/kl"] == 0.0  # the policy's and the reference's passes are packed alike
 
 
@@ -320,30 +329,30 @@ def test_a_model_that_lets_packed_rows_see_each_other_is_not_packed(recipe, defe
     packing = dataclasses.replace(recipe, ppo=dataclasses.replace(recipe.ppo, pack_rows=True))
     handle = policy.pretrained_model.get_base_model().register_forward_pre_hook(defect, with_kwargs=True)
     try:
-        trainer = trl_backend.make_trainer(packing, policy, load_tokenizer("p", recipe.policy.model))
+        trainer = ppo.make_trainer(packing, policy, load_tokenizer("p", recipe.policy.model))
         assert trainer.responses_only and not trainer.pack_rows
     finally:
         handle.remove()
-    trainer = trl_backend.make_trainer(packing, policy, load_tokenizer("p", recipe.policy.model))
+    trainer = ppo.make_trainer(packing, policy, load_tokenizer("p", recipe.policy.model))
     assert trainer.pack_rows
     with pytest.raises(Exception, match="length_buckets.*pack_rows=false"):
         dataclasses.replace(recipe.ppo, pack_rows=True, length_buckets=2)
 
 
-def test_eager_attention_packs_rows_no_wider_than_trls_padded_ones(tiny_dir, recipe):
+def test_eager_attention_packs_rows_no_wider_than_the_padded_ones(tiny_dir, recipe):
     """gpt-neo's tiny model runs eager attention, which keeps each row's scores for the backward
     pass: its packed rows are at most the padded width (plus the greedy fill's overshoot)."""
     recipe = dataclasses.replace(recipe, policy=dataclasses.replace(recipe.policy, model=str(tiny_dir / "gpt-neo")),
                                  ppo=dataclasses.replace(recipe.ppo, pack_rows=True, mini_batch_size=8))
     torch.manual_seed(0)
     policy = build_policy(recipe.policy, CPU)
-    trainer = trl_backend.make_trainer(recipe, policy, load_tokenizer("p", recipe.policy.model))
-    assert trainer.pack_width == 0  # eager attention seen: rows as wide as the pass's padded ones
+    trainer = ppo.make_trainer(recipe, policy, load_tokenizer("p", recipe.policy.model))
+    assert trainer.passes.pack_width == 0  # eager attention seen: rows as wide as the pass's padded ones
     if not trainer.pack_rows:  # transformers 4.57's GPT-Neo builds its own mask: it pads
         return
     queries, responses = ragged(8, seed=6)
-    inputs = trainer.prepare_model_inputs(queries, responses)
+    batch = trainer.batch(queries, responses)
     with torch.no_grad():
-        _, shapes = forward_shapes(trainer, policy, queries, responses, inputs)
-    width = inputs["input_ids"].shape[1]
-    assert shapes[0][0] > 1 and shapes[0][1] < 2 * width and shapes[0].numel() < inputs["input_ids"].numel()
+        _, shapes = forward_shapes(trainer, policy, batch)
+    width = batch.inputs["input_ids"].shape[1]
+    assert shapes[0][0] > 1 and shapes[0][1] < 2 * width and shapes[0].numel() < batch.inputs["input_ids"].numel()

@@ -10,9 +10,10 @@ from peft import PeftModel
 from transformers import AutoModelForSeq2SeqLM
 
 from conftest import SHORT_QUICKSTART, SMALL, local_overrides
-from rlhf_recipes import Generation, Policy, Prompts, RecipeError, apply_overrides, load_recipe, trl_backend
+from rlhf_recipes import Generation, Policy, Prompts, RecipeError, apply_overrides, load_recipe, ppo
 from rlhf_recipes.components.data import load_prompts
 from rlhf_recipes.evaluation import score_responses
+from rlhf_recipes.ppo.scoring import score
 from rlhf_recipes.components.policy import build_policy, load_tokenizer
 from rlhf_recipes.reporting.report import reward_gain
 from rlhf_recipes.components.rollout import decode_pairs, generate
@@ -86,31 +87,30 @@ def test_templates_and_architecture_limits_are_checked(tiny_dir, tmp_path):
         build_policy(Policy(model=str(tiny_dir / "t5"), dtype="float16", quantization="8bit"), CPU)
 
 
-def test_trl_scores_every_generated_token_the_first_and_a_lone_eos_included(tiny_dir, tmp_path):
+def test_ppo_scores_every_generated_token_the_first_and_a_lone_eos_included(tiny_dir, tmp_path):
     recipe = apply_overrides(load_recipe("flan_t5_detox"), flan_args(tiny_dir, tmp_path)[1:])
     policy = build_policy(recipe.policy, CPU)
     tok = load_tokenizer("p", recipe.policy.model)
-    trainer = trl_backend.make_trainer(recipe, policy, tok)
+    trainer = ppo.make_trainer(recipe, policy, tok)
     queries = [torch.tensor(tok("the plot was dull")["input_ids"])] * 8
     responses = [torch.tensor([0, 1])] * 4 + [torch.tensor([0, 44, 105, 1])] * 4  # start + eos, and 3 tokens
-    inputs = trainer.prepare_model_inputs(queries, responses)
     with torch.no_grad():
-        _, _, _, masks = trainer.batched_forward_pass(policy, queries, responses, inputs)
+        _, _, _, masks = score(policy, trainer.batch(queries, responses), trainer.passes)
     assert masks.sum(-1).tolist() == [1] * 4 + [3] * 4  # every generated token, the first one too
-    stats = trl_backend.ppo_step(trainer, queries, responses, [1.0] * 8)  # TRL alone crashes on start + eos
+    stats = ppo.ppo_step(trainer, queries, responses, [1.0] * 8)  # TRL 0.11.4 crashed on start + eos
     assert stats["objective/kl"] == 0.0 and stats["ppo/loss/total"] == stats["ppo/loss/total"]
 
 
 @pytest.mark.slow
 def test_a_seq2seq_run_trains_quietly_and_its_adapter_loads(tiny_dir, tmp_path, monkeypatch):
     seen = []
-    step = trl_backend.ppo_step
+    step = ppo.ppo_step
 
     def spy(trainer, queries, responses, rewards):
         seen.extend(responses)
         return step(trainer, queries, responses, rewards)
 
-    monkeypatch.setattr(trl_backend, "ppo_step", spy)
+    monkeypatch.setattr(ppo, "ppo_step", spy)
     out = tmp_path / "run"
     assert main(flan_args(tiny_dir, out)) == 0
     assert seen and all(r[0] == 0 and len(r) >= 2 for r in seen)  # the start token, then what was generated

@@ -1,8 +1,7 @@
 """The policy: a causal LM (or an encoder-decoder, see seq2seq) with LoRA adapters and a value
 head on the shared backbone.
 
-The frozen reference is this same model with its adapters switched off (TRL does that
-for PEFT models), so it costs no second copy of the weights. The base may load in
+The frozen reference is this same model with its adapters switched off, so it costs no second copy of the weights. The base may load in
 8-bit or 4-bit through bitsandbytes; the adapters and the value head stay fp32.
 """
 from __future__ import annotations
@@ -14,8 +13,8 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, BitsAndBytesConfig
 
 from . import seq2seq
-from .. import trl_backend
 from ..config.sections import Policy, RecipeError
+from ..ppo.value_head import with_value_head
 from .loading import load_pretrained
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -55,7 +54,7 @@ def load_config(cfg: Policy):
 
 
 def build_policy(cfg: Policy, device: torch.device):
-    """Base LM (dropout off) + LoRA adapters + TRL's value head, on `device`."""
+    """Base LM (dropout off) + LoRA adapters + a value head (rlhf_recipes.ppo.value_head), on `device`."""
     config = load_config(cfg)
     for name, value in config.to_dict().items():
         if _DROPOUT.search(name) and isinstance(value, float):
@@ -80,7 +79,7 @@ def build_policy(cfg: Policy, device: torch.device):
                 # generate(), after which backward through them fails
                 module.support_avx512bf16_for_cpu = False
     adapted = add_lora(base, cfg)
-    model = trl_backend.with_value_head(adapted)
+    model = with_value_head(adapted)
     return model if quant else model.to(device)
 
 

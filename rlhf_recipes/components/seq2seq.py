@@ -4,7 +4,7 @@ The prompt is the encoder's input, ending in EOS as the model's tokenizer adds i
 is the decoder's output as `generate` returns it: the decoder-start token at position 0 (pad,
 id 0, for T5), then the generated tokens. It is never cut from the left: TRL 0.11.4 feeds it
 as given as decoder_input_ids. TRL itself would not score the first generated token (its mask
-starts at decoder position 1); trl_backend's PPOTrainer scores every generated token.
+starts at decoder position 1); rlhf_recipes.ppo scores every generated token.
 """
 from __future__ import annotations
 

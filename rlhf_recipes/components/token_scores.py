@@ -4,7 +4,7 @@ TRL's step runs the LM head and a softmax over the whole vocabulary at every pos
 every query + response (prompt and padding included), then masks all but the response
 out. On a GPT-2-sized model with prompts of a few tokens, skipping that made the minibatch
 updates 12% (mini-batch 16) to 31% (64) cheaper. The functions here give the same numbers
-from the last hidden state at the response positions only; rlhf_recipes.trl_backend's PPO trainer uses them where it has checked that the model's
+from the last hidden state at the response positions only; rlhf_recipes.ppo.scoring uses them where it has checked that the model's
 logits are its LM head applied to that hidden state.
 """
 from __future__ import annotations

@@ -167,11 +167,11 @@ class Generation(Section):
 
 @dataclass(frozen=True)
 class PPO(Section):
-    """TRL's PPOConfig, field for field (same names, passed through unchanged).
+    """Classic PPO (rlhf_recipes.ppo): TRL 0.11.4's PPOConfig, field for field, same names and meanings.
 
     The fields without a default must be set by every recipe: TRL's own defaults changed
     between versions (batch 256 / mini-batch 1 once, 128 / 128 later). The rest default to
-    TRL 0.11.4's values, written out here so that a TRL upgrade cannot move them.
+    TRL 0.11.4's values.
     """
 
     section: typing.ClassVar[str] = "ppo"
@@ -235,11 +235,8 @@ class PPO(Section):
         self.require(0 <= self.entropy_coef < math.inf, "entropy_coef", "must be finite and >= 0")
         self.require(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]")
         self.require(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
-        # TRL 0.11.4 keeps the running reward std as a float and calls .to() on it: every step fails
-        self.require(not self.use_score_scaling, "use_score_scaling",
-                     "is broken in TRL 0.11.4 (its running std is a float); leave it false, or use reward.scale")
-        self.require(not self.use_score_norm, "use_score_norm",
-                     "does nothing without ppo.use_score_scaling, which TRL 0.11.4 cannot run; leave it false")
+        self.require(self.use_score_scaling or not self.use_score_norm, "use_score_norm",
+                     "does nothing without ppo.use_score_scaling; set that true too, or leave this false")
         self.require(not (self.pack_rows and self.length_buckets > 1), "length_buckets",
                      "must be 1 with ppo.pack_rows, which already leaves out all padding; "
                      "set ppo.pack_rows=false to bucket instead")

@@ -15,7 +15,7 @@ import numpy as np
 from accelerate.utils import set_seed
 from rich.markup import escape
 
-from .. import trl_backend
+from .. import ppo
 from ..components.data import batch_indices
 from ..components.reward import all_finite, reward_inputs
 from ..components.rollout import decode_pairs, generate
@@ -50,11 +50,11 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     reward_fn, encoder_decoder, deepspeed = started.reward_fn, started.encoder_decoder, started.deepspeed
     state, run, gen = started.state, recipe.run, recipe.generation
     rank, processes, main, device = state.process_index, state.num_processes, state.is_main_process, state.device
-    trainer = trl_backend.make_trainer(recipe, policy, tokenizer, deepspeed)
-    rollback = trl_backend.Rollback(trainer)
+    trainer = ppo.make_trainer(recipe, policy, tokenizer, deepspeed)
+    rollback = ppo.Rollback(trainer)
     set_seed(run.seed, device_specific=True)  # seed + rank: each process samples its own responses
     evaluation, records, start, skipped, bad_in_row = start_records(
-        started, lambda saved: trl_backend.load_trainer_state(trainer, saved["trainer"]))
+        started, lambda saved: ppo.load_trainer_state(trainer, saved["trainer"]))
     if main:
         write_report(out, evaluation, records)
     tracked = trackers.Trackers(run.report_to, run.run_name or recipe.name, out, start, main)
@@ -69,7 +69,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
         console.print(f"prompts: {prompts.duplicates} queries repeated an earlier one token for token and were "
                       "dropped, so no held-out prompt is also a training prompt", soft_wrap=True)
     if not (trainer.responses_only or encoder_decoder):
-        console.print("note: PPO scores every position with TRL's full pass, which is slower: this policy's "
+        console.print("note: PPO scores every position with the padded pass, which is slower: this policy's "
                       "logits are not its LM head applied to its last hidden state (a logit scale or soft cap, say), "
                       "or its forward takes no logits_to_keep", soft_wrap=True)
     if recipe.ppo.pack_rows and trainer.responses_only and not trainer.pack_rows:
@@ -82,7 +82,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
 
     def save_checkpoint(done: int) -> Path:
         rngs = distributed.gather([checkpoint.rng_state()])  # each process's own, to resume its own sampling
-        saved = {"trainer": trl_backend.trainer_state(trainer, all_processes=True), "num_prompts": len(prompts.train),
+        saved = {"trainer": ppo.trainer_state(trainer, all_processes=True), "num_prompts": len(prompts.train),
                  "processes": processes, "deepspeed": deepspeed is not None, "skipped": skipped,
                  "bad_in_row": bad_in_row, "evaluation": evaluation}
         return distributed.from_main(checkpoint.save(out, done, saved, records, run.keep_checkpoints, rngs)
@@ -111,8 +111,8 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
             stats = None
             if all_finite(all_rewards):
                 rollback.take()
-                stats = trl_backend.ppo_step(trainer, queries, responses, rewards)
-                if distributed.any_process(not trl_backend.step_is_finite(trainer, stats)):
+                stats = ppo.ppo_step(trainer, queries, responses, rewards)
+                if distributed.any_process(not ppo.step_is_finite(trainer, stats)):
                     rollback.restore()
                     stats = None
             if stats is None:
@@ -120,7 +120,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
                 console.print(f"[yellow]step {step + 1}: non-finite {'loss' if all_finite(all_rewards) else 'reward'}, "
                               f"batch skipped and rolled back ({skipped} so far)")
             else:
-                # 4. log: TRL's keys, plus the raw reward (TRL's ppo/mean_scores is after any scaling)
+                # 4. log: TRL 0.11.4's keys, plus the raw reward (ppo/mean_scores is after any scaling)
                 bad_in_row = 0
                 stats.update({
                     "step": step + 1,

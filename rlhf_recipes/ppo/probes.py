@@ -1,5 +1,5 @@
-"""What a policy's forward pass does, checked once before PPO starts: whether the PPO trainer's
-faster scoring passes (rlhf_recipes.trl_backend.ppo._PPOTrainer) give this model's own numbers."""
+"""What a policy's forward pass does, checked once before PPO starts: whether the faster scoring
+passes (rlhf_recipes.ppo.scoring) give this model's own numbers."""
 from __future__ import annotations
 
 import contextlib
@@ -36,7 +36,7 @@ def last_hidden(wrapper):
 @_false_on_failure
 def logits_from_last_hidden(model) -> bool:
     """Whether `model`'s logits are exactly its LM head applied to the last hidden state, with
-    logits_to_keep accepted: what _PPOTrainer's response-only pass assumes. False for models that
+    logits_to_keep accepted: what the response-only pass assumes. False for models that
     scale or cap their logits after the head (Gemma 2, Cohere, Granite), or whose forward takes
     no logits_to_keep."""
     if is_encoder_decoder(model.pretrained_model):
@@ -62,7 +62,7 @@ def packed_forward(model, inputs: dict, lengths: list[int], capacity: int):
 @_false_on_failure
 def packs_rows(model) -> bool:
     """Whether `model` (with its value head) gives rows laid end to end (packed_forward) the
-    hidden states it gives them padded, as TRL passes them: what ppo.pack_rows assumes. Rows of
+    hidden states it gives them padded: what ppo.pack_rows assumes. Rows of
     5, 3, 5 and 3 tokens pack into two rows of two sequences each: flash attention keeps packed
     sequences apart only in a batch of one row, which a one-row probe would not see. False
     where packed sequences see each other (a model that ignores position_ids, or builds its own
@@ -76,7 +76,7 @@ def packs_rows(model) -> bool:
 
     shorter = []  # the 3-token rows' states, packed each behind a 5-token row
     with _eval_mode(model), torch.no_grad(), last_hidden(model) as hidden:
-        model(input_ids=rows(0), attention_mask=mask, logits_to_keep=1)  # padded on the right, as TRL's collator does
+        model(input_ids=rows(0), attention_mask=mask, logits_to_keep=1)  # padded on the right, as the padded pass does
         for shift in (0, 6):  # nothing of the 5-token rows may reach the 3-token rows packed behind them
             _, index = packed_forward(model, {"input_ids": rows(shift), "attention_mask": mask}, lengths, 8)
             shorter.append(hidden[-1].flatten(0, 1)[index[1::2, :3]])

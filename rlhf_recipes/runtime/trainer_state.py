@@ -1,22 +1,24 @@
 """What PPO and DPO change as they train, copied out and put back: for checkpoints
-(trainer_state, load_trainer_state) and for undoing a non-finite PPO step (Rollback)."""
+(trainer_state, load_trainer_state) and for undoing a non-finite PPO step (Rollback).
+
+A trainer here is anything with an accelerator, a model, an optimizer and an lr_scheduler
+(rlhf_recipes.ppo's PPOTrainer, TRL's DPO trainer); PPO's also has a KL controller (kl_ctl) and
+running reward moments (running)."""
 from __future__ import annotations
 
 import copy
 
 import torch
 from accelerate.utils import DistributedType
-from trl import PPOTrainer
-
 from ..config.sections import RecipeError
-from ..runtime import distributed
+from . import distributed
 
 
-def trainer_state(trainer: PPOTrainer, all_processes: bool = False) -> dict:
+def trainer_state(trainer, all_processes: bool = False) -> dict:
     """A detached copy of everything PPO (or DPO) changes as it trains, to checkpoint or roll back to.
 
     The trainable parameters (LoRA adapters, value head), the optimizer and any LR scheduler,
-    and for PPO the KL controller's coefficient and TRL's running reward moments (used by
+    and for PPO the KL controller's coefficient and the running reward moments (used by
     use_score_scaling). The frozen base is not included: it never changes.
     DeepSpeed's optimizer holds only this process's share of the state: all_processes
     gathers every process's share (a list in rank order), for a checkpoint.
@@ -35,7 +37,7 @@ def trainer_state(trainer: PPOTrainer, all_processes: bool = False) -> dict:
     }
 
 
-def load_trainer_state(trainer: PPOTrainer, state: dict) -> None:
+def load_trainer_state(trainer, state: dict) -> None:
     """Put `trainer` back into `state` (from trainer_state, or a checkpoint read from disk)."""
     params = dict(_policy(trainer).named_parameters())
     missing = sorted(set(n for n, p in params.items() if p.requires_grad) ^ set(state["params"]))
@@ -58,7 +60,7 @@ def load_trainer_state(trainer: PPOTrainer, state: dict) -> None:
         setattr(trainer.running, key, value)
 
 
-def _sharded(trainer: PPOTrainer) -> bool:
+def _sharded(trainer) -> bool:
     return trainer.accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
@@ -80,7 +82,7 @@ def _keeps(value) -> bool:
     return isinstance(value, (dict, list, tuple, torch.Tensor, str, int, float, bool, type(None)))
 
 
-def _policy(trainer: PPOTrainer):
+def _policy(trainer):
     """The policy without accelerate's wrapper (DDP's adds 'module.' to every parameter name)."""
     return trainer.accelerator.unwrap_model(trainer.model)
 
@@ -96,7 +98,7 @@ class Rollback:
     under DeepSpeed, whose optimizer keeps its own, it falls back to a full trainer_state copy.
     """
 
-    def __init__(self, trainer: PPOTrainer):
+    def __init__(self, trainer):
         self.trainer, self.buffers, self.full, self.small = trainer, None, None, None
 
     def _tensors(self) -> list[torch.Tensor] | None:
