@@ -20,6 +20,6 @@ recipe = Recipe(
     dpo=DPO(dataset=str(QUICKSTART / "preferences.jsonl"), separator=" ", beta=0.1, loss_type="sigmoid",
             label_smoothing=0.0, rpo_alpha=None, learning_rate=5e-4, epochs=1.0, batch_size=32,
             gradient_accumulation_steps=1, max_grad_norm=1.0, lr_scheduler="linear", warmup_ratio=0.1,
-            max_length=64, max_prompt_length=32, heldout=200),
+            max_length=64, max_prompt_length=32, heldout=200, gradient_checkpointing=False),
     run=Run(output_dir="runs/quickstart_dpo", seed=0, checkpoint_every=20, keep_checkpoints=2, max_bad_batches=3),
 )

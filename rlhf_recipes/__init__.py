@@ -1,12 +1,13 @@
-"""rlhf_recipes: PPO recipes that steer a language model on one GPU, over TRL and PEFT.
+"""rlhf_recipes: recipes that steer a language model on one GPU with PPO (our own) or DPO (TRL), over PEFT.
 
 A recipe is a short Python file that builds one `Recipe`; `train(recipe)` runs it.
 Importing this package is cheap: torch and TRL load only when training starts.
 
 The top level holds what a user runs (`python -m rlhf_recipes.run`, .evaluation, .sample,
 .export, .interpret, .frontier, .tiny, .corpus) and this API; the code sits in config/ (the
-recipe), components/ (what a recipe builds), loops/ (PPO, DPO, the stages before them),
-runtime/ (the machinery of a run), reporting/ (what a run shows and writes) and trl_backend/.
+recipe), components/ (what a recipe builds), ppo/ (classic PPO: value head, maths, step), loops/
+(PPO, DPO, the stages before them), runtime/ (the machinery of a run), reporting/ (what a run
+shows and writes) and trl_backend/ (the one package that imports TRL).
 """
 import importlib
 import importlib.abc
@@ -22,7 +23,7 @@ quiet.install()
 
 __all__ = ["DPO", "PPO", "SFT", "Eval", "Generation", "Policy", "Prompts", "Recipe", "RecipeError", "Reward", "RewardModel", "Run",
            "apply_overrides", "load_recipe", "shipped_recipes", "train"]
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 
 # Where the modules of the flat layout (up to 0.1.0) went: their old names still import, with a
@@ -64,7 +65,7 @@ if not any(type(finder).__qualname__ == "_MovedFinder" and type(finder).__module
 
 
 def __getattr__(name: str):
-    # lazy: pulls in torch, transformers and TRL. The loop lives in `training`, not in a
+    # lazy: pulls in torch and transformers. The loop lives in `training`, not in a
     # submodule named `train`, whose import would rebind this package's `train` to the module
     if name == "train":
         from .loops.training import train

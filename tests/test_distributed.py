@@ -219,6 +219,13 @@ def test_fsdp_is_refused(monkeypatch):
         distributed.deepspeed_plugin(load_recipe("quickstart").ppo)
 
 
+@pytest.mark.parametrize("engine", ["DEEPSPEED", "FSDP"])
+def test_dpo_under_deepspeed_or_fsdp_is_refused_before_anything_is_written(engine, monkeypatch, tmp_path):
+    monkeypatch.setenv(f"ACCELERATE_USE_{engine}", "true")
+    assert main(["quickstart_dpo", f"run.output_dir={tmp_path / 'run'}"]) == 2
+    assert not (tmp_path / "run").exists()
+
+
 def test_deepspeed_takes_batch_accumulation_and_clipping_from_the_recipe(monkeypatch):
     ppo = load_recipe("quickstart").ppo
     distributed.init()
@@ -260,3 +267,55 @@ def test_an_encoder_decoder_policy_trains_identically_on_two_processes(tiny_dir,
     assert ranks[0] and all(torch.equal(v, ranks[1][k]) for k, v in ranks[0].items())
     assert any("lora_B" in k and v.abs().max() > 0 for k, v in ranks[0].items())
     assert [m["env/batch_size"] for m in metrics(tmp_path / "run")] == [8, 8]
+
+
+# ---------------------------------------------------------------------------- DPO on two processes
+# the DPO quickstart's stages cut to seconds, 8 pairs a step shared by 2 processes, a constant
+# learning rate (a schedule's length follows run.steps, which the resume test changes)
+DPO_QUICKSTART = ["sft.epochs=0.1", "sft.heldout=50", "reward_model.epochs=0.1", "reward_model.heldout=50",
+                  "dpo.batch_size=8", "dpo.heldout=16", "dpo.lr_scheduler=constant", "dpo.warmup_ratio=0",
+                  "eval.num_prompts=16", "eval.every=2", "run.checkpoint_every=1", "dpo.gradient_checkpointing=true"]
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory):
+    """The DPO quickstart, 3 steps of 8 pairs shared by 2 processes, through train()."""
+    root = tmp_path_factory.mktemp("ddp_dpo")
+    out = root / "run"
+    launch(str(TESTS / "ddp_worker.py"), str(root), "quickstart_dpo", *DPO_QUICKSTART, "run.steps=3",
+           f"run.output_dir={out}")
+    return root, out
+
+
+def test_dpo_on_two_processes_trains_identical_copies_and_one_process_writes(dpo_run):
+    root, out = dpo_run
+    ranks = [trainable(root / f"rank-{r}.safetensors") for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys() and all(torch.equal(v, ranks[1][k]) for k, v in ranks[0].items())
+    assert any(bool(v.abs().sum()) for k, v in ranks[0].items() if "lora_B" in k)  # it trained
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["rewards/margins"] > 0  # one writer
+    saved = latest(out)
+    assert saved.step == 3 and saved.state["processes"] == 2 and len(saved.state["rng"]) == 2
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert [e["step"] for e in evaluation["during"]] == [2] and evaluation["after"]["step"] == 3
+
+
+def test_dpo_resumed_on_two_processes_continues_the_run_exactly(dpo_run, tmp_path):
+    _, uninterrupted = dpo_run
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted / "stages", out / "stages")
+    args = ["-m", "rlhf_recipes.run", "quickstart_dpo", *DPO_QUICKSTART, f"run.output_dir={out}"]
+    launch(*args, "run.steps=2")
+    launch(*args, "run.steps=3", "--resume")
+    for name, value in load_file(out / "model" / "adapter_model.safetensors").items():
+        assert torch.equal(value, load_file(uninterrupted / "model" / "adapter_model.safetensors")[name]), name
+    timeless = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
+    assert timeless(metrics(out)) == timeless(metrics(uninterrupted))
+
+
+def test_a_dpo_batch_that_processes_cannot_share_equally_is_refused(tmp_path):
+    done = launch("-m", "rlhf_recipes.run", "quickstart_dpo", "dpo.batch_size=6", "dpo.gradient_accumulation_steps=2",
+                  f"run.output_dir={tmp_path / 'run'}", succeeds=False)
+    assert "dpo.batch_size=6 must be a multiple of the processes times dpo.gradient_accumulation_steps (2 x 2)" \
+        in done.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -118,7 +118,7 @@ def test_bad_preference_columns_and_empty_data_get_one_line_errors(prefs, fields
     assert "\n" not in str(err.value)
 
 
-def test_trl_tokenizes_the_pairs_without_a_bos_the_tokenizer_does_not_add(tiny_dir, tmp_path):
+def test_pairs_are_tokenized_as_prompts_are_sampled_and_cut_from_the_left(tiny_dir, tmp_path):
     from rlhf_recipes import trl_backend
     from rlhf_recipes.config import Policy
     from rlhf_recipes.components.policy import build_policy, load_tokenizer
@@ -133,10 +133,13 @@ def test_trl_tokenizes_the_pairs_without_a_bos_the_tokenizer_does_not_add(tiny_d
                                                tmp_path / arch)
         row = trainer.train_dataset[0]
         as_sampled = tokenizer("the movie was")["input_ids"]  # how PPO and the evaluation see the prompt
-        assert row["prompt_input_ids"] == as_sampled and (as_sampled[0] == tokenizer.bos_token_id) == adds_bos
-        assert row["chosen_input_ids"][:len(as_sampled)] == as_sampled
-        assert row["chosen_input_ids"][-1] == tokenizer.eos_token_id  # answers end, so the policy learns to stop
-        assert row["chosen_labels"][:len(as_sampled)] == [-100] * len(as_sampled)
+        assert row["prompt_ids"] == as_sampled and (as_sampled[0] == tokenizer.bos_token_id) == adds_bos
+        assert tokenizer.decode(row["chosen_ids"], skip_special_tokens=True).strip() == "great fun"
+        assert row["chosen_ids"][-1] == tokenizer.eos_token_id  # answers end, so the policy learns to stop
+        # TRL's collator scores the answers only: prompt + chosen, with its completion mask over the answer
+        batch = trainer.data_collator([row])
+        assert batch["input_ids"][0, :len(as_sampled)].tolist() == as_sampled
+        assert batch["completion_mask"][0, :len(as_sampled)].tolist() == [0] * len(as_sampled)
         # adapters at zero: the policy is its reference, so every DPO reward is exactly 0
         loss, metrics = trl_backend.dpo_batch_loss(trainer, [trainer.train_dataset[i] for i in range(2)], train=False)
         assert metrics["rewards/chosen"] == 0 and metrics["rewards/margins"] == 0
@@ -146,38 +149,79 @@ def test_trl_tokenizes_the_pairs_without_a_bos_the_tokenizer_does_not_add(tiny_d
         long = [(" ".join(["the movie was"] * 10), "great fun", "a bore"), ("the ", "movie was great", "a bore")]
         trainer = trl_backend.make_dpo_trainer(dataclasses.replace(cfg, separator=""), policy.pretrained_model,
                                                tokenizer, long, [], 2, 0, tmp_path / f"{arch}-long")
+        assert len(trainer.train_dataset) == 2  # TRL 1.x alone would drop the row whose prompt is too long
         cut, spaced = trainer.train_dataset[0], trainer.train_dataset[1]
-        assert (cut["chosen_input_ids"][0] == tokenizer.bos_token_id) == adds_bos
-        assert len(cut["prompt_input_ids"]) <= 8
-        answer = [t for t, label in zip(spaced["chosen_input_ids"], spaced["chosen_labels"]) if label != -100]
-        assert tokenizer.decode(answer, skip_special_tokens=True).strip() == "movie was great"
+        assert (cut["prompt_ids"][0] == tokenizer.bos_token_id) == adds_bos
+        assert len(cut["prompt_ids"]) == 8 and cut["chosen_ids"][-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(spaced["chosen_ids"], skip_special_tokens=True).strip() == "movie was great"
+        assert tokenizer.decode(spaced["prompt_ids"], skip_special_tokens=True) == "the"
 
 
-def test_sequence_log_probs_are_summed_in_float32_and_held_out_scoring_leaves_bco_moments_alone(tiny_dir, tmp_path):
+def test_sequence_log_probs_are_float32_for_a_bfloat16_policy_and_rpo_adds_the_sft_term(tiny_dir, tmp_path):
+    """A bfloat16 policy's sequence log-probs are summed in float32 (in bfloat16 they would be
+    rounded to whole nats at real lengths, and small margins vanish); rpo_alpha adds alpha times
+    the chosen answers' mean negative log-likelihood, as RPO's term did in TRL 0.11.4."""
     from rlhf_recipes import trl_backend
     from rlhf_recipes.config import Policy
-    from rlhf_recipes.loops.dpo import pair_metrics
     from rlhf_recipes.components.policy import build_policy, load_tokenizer
 
-    logits = torch.randn(2, 40, 50).to(torch.bfloat16)
-    labels = torch.randint(0, 50, (2, 40))
-    logps, _ = trl_backend.dpo._DPOTrainer.get_batch_logps(logits, labels)
-    assert logps.dtype == torch.float32  # TRL's own would be bfloat16, rounded to whole nats here
-    cfg = DPO(dataset="unused", learning_rate=1e-2, epochs=1.0, batch_size=2, beta=0.1, separator=" ",
-              loss_type="bco_pair", max_length=32, max_prompt_length=8)
     rows = [("the movie was", "great fun", "a bore"), ("i think", "it works", "it fails")]
     tokenizer = load_tokenizer("policy.model", str(tiny_dir / "gpt2"))
-    policy = build_policy(Policy(model=str(tiny_dir / "gpt2"), lora_r=4, lora_alpha=8), torch.device("cpu"))
+    policy = build_policy(Policy(model=str(tiny_dir / "gpt2"), lora_r=4, lora_alpha=8, dtype="bfloat16"),
+                          torch.device("cpu"))
+    base = policy.pretrained_model.get_base_model()
+    seen = []
+    handle = base.register_forward_hook(lambda m, a, out: seen.append(out))
+    cfg = DPO(dataset="unused", learning_rate=1e-2, epochs=1.0, batch_size=2, beta=0.1, separator=" ",
+              max_length=32, max_prompt_length=8)
     trainer = trl_backend.make_dpo_trainer(cfg, policy.pretrained_model, tokenizer, rows, rows, 2, 0, tmp_path)
-    before = trl_backend.running_moments(trainer)
-    pair_metrics(trainer, 2)
-    assert trl_backend.running_moments(trainer) == before
-    assert trl_backend.dpo_update(trainer, [trainer.train_dataset[i] for i in range(2)]) is not None
-    assert trl_backend.running_moments(trainer)["count"] > before["count"]  # training does move them
+    assert all(p.dtype == torch.float32 for p in policy.parameters() if p.requires_grad)
+    batch = [trainer.train_dataset[i] for i in range(2)]
+    loss, _ = trl_backend.dpo_batch_loss(trainer, batch, train=False)
+    handle.remove()
+    assert seen and all(out.log_probs.dtype == torch.float32 for out in seen)
+    rpo = trl_backend.make_dpo_trainer(dataclasses.replace(cfg, rpo_alpha=0.5), policy.pretrained_model, tokenizer,
+                                       rows, rows, 2, 0, tmp_path / "rpo")
+    with_sft, _ = trl_backend.dpo_batch_loss(rpo, batch, train=False)
+    inputs = rpo.data_collator(batch)
+    with torch.no_grad():
+        logits = policy.pretrained_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, inputs["input_ids"][:, 1:, None])[..., 0]
+    answer = inputs["completion_mask"][:, 1:].bool()
+    nll = -(logp[:2][answer[:2]]).mean()  # the chosen answers (the first half of TRL's batch), per token
+    assert float(with_sft - loss) == pytest.approx(0.5 * float(nll), rel=1e-3)
 
 
-def test_the_shimmed_trainer_also_trains_with_its_own_train_method(tiny_dir, tmp_path):
-    """For projects that import it: TRL's DPOTrainer.train() on today's Trainer, its metrics logged."""
+def test_dpo_gradient_checkpointing_recomputes_the_blocks_and_changes_no_number(tiny_dir, tmp_path):
+    from rlhf_recipes import trl_backend
+    from rlhf_recipes.config import Policy
+    from rlhf_recipes.components.policy import build_policy, load_tokenizer
+
+    cfg = DPO(dataset="unused", learning_rate=1e-2, epochs=1.0, batch_size=2, beta=0.1, separator=" ",
+              max_length=32, max_prompt_length=8)
+    rows = [("the movie was", "great fun", "a bore"), ("i think", "it works", "it fails")]
+    tokenizer = load_tokenizer("policy.model", str(tiny_dir / "gpt2"))
+    calls, results = {}, {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        policy = build_policy(Policy(model=str(tiny_dir / "gpt2"), lora_r=4, lora_alpha=8), torch.device("cpu"))
+        trainer = trl_backend.make_dpo_trainer(cfg, policy.pretrained_model, tokenizer, rows, [], 2, 0,
+                                               tmp_path / str(checkpointing), checkpointing)
+        saved = []  # what autograd keeps for the backward pass outside checkpointed blocks, in elements
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            for _ in range(2):  # the second update starts from moved adapters: a non-zero gradient everywhere
+                stats = trl_backend.dpo_update(trainer, [trainer.train_dataset[i] for i in range(2)])
+        calls[checkpointing] = sum(saved)
+        results[checkpointing] = (stats, {n: p.detach().clone() for n, p in policy.named_parameters()
+                                          if p.requires_grad})
+    assert calls[True] < 0.7 * calls[False]  # the blocks' activations are recomputed, not kept
+    (plain, plain_params), (checkpointed, params) = results[False], results[True]
+    assert plain["loss"] == pytest.approx(checkpointed["loss"], rel=1e-6)
+    assert all(torch.allclose(params[n], plain_params[n], atol=1e-6) for n in params)
+
+
+def test_the_trainer_also_trains_with_its_own_train_method(tiny_dir, tmp_path):
+    """For projects that import it: TRL's DPOTrainer.train() on our tokenized rows, its metrics logged."""
     from rlhf_recipes import trl_backend
     from rlhf_recipes.config import Policy
     from rlhf_recipes.components.policy import build_policy, load_tokenizer

@@ -1,8 +1,5 @@
 """The differences between transformers 4.57 and 5.x that touch rlhf_recipes, each with its
-smallest fix, in one place. Imported by the TRL-facing module before TRL's trainers load.
-
-TRL 0.11.4 itself is unchanged on both: what differs is how transformers answers it.
-"""
+smallest fix, in one place."""
 from __future__ import annotations
 
 import contextlib
@@ -11,22 +8,6 @@ import transformers
 from packaging.version import Version
 
 TRANSFORMERS_5 = Version(transformers.__version__).major >= 5
-
-
-def patch_trl_flags() -> None:
-    """TRL 0.11.4 reads optional packages with transformers' _is_package_available, which 5.x
-    makes return a (found, version) tuple: always truthy, so `import trl`'s SFT trainer would
-    import liger-kernel. Its flags become the booleans they were meant to be."""
-    import trl.import_utils as flags
-
-    for name, value in vars(flags).items():
-        if name.startswith("_") and name.endswith("_available") and isinstance(value, tuple):
-            setattr(flags, name, bool(value[0]))
-    # and TRL's DPO trainer imports a mapping that 5.x renamed; it only reads it for vision models
-    from transformers.models.auto import modeling_auto
-
-    if not hasattr(modeling_auto, "MODEL_FOR_VISION_2_SEQ_MAPPING_NAMES"):
-        modeling_auto.MODEL_FOR_VISION_2_SEQ_MAPPING_NAMES = {}
 
 
 def warmup(fraction: float) -> dict:
@@ -61,22 +42,14 @@ def tensorboard_dir(path: str | None):
             os.environ["TENSORBOARD_LOGGING_DIR"] = saved
 
 
-class TokenizerArgument(transformers.Trainer):
-    """Between one of TRL 0.11.4's trainers and transformers' Trainer: TRL passes `tokenizer=`,
-    which 5.x rejects; it becomes `processing_class`, the name both versions take."""
+def checkpointing_args(on: bool) -> dict:
+    """TrainingArguments' gradient checkpointing, non-reentrant: 5.25 renamed it
+    activation_checkpointing, and the old name warns (TRL 1.x's configs default it to on)."""
+    import dataclasses
 
-    def __init__(self, *args, tokenizer=None, **kwargs):
-        if tokenizer is not None:
-            kwargs["processing_class"] = tokenizer
-        super().__init__(*args, **kwargs)
-
-    @property
-    def tokenizer(self):  # TRL's trainers read it; 5.x's Trainer has only processing_class
-        return self.processing_class
-
-    @tokenizer.setter
-    def tokenizer(self, value):
-        self.processing_class = value
+    names = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+    prefix = "activation" if "activation_checkpointing" in names else "gradient"
+    return {f"{prefix}_checkpointing": on, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
 
 
 def enable_checkpointing(model) -> None:

@@ -89,19 +89,22 @@ class RewardModel(Section):
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
               "aot_pair", "apo_zero", "apo_down")
-"""TRL 0.11.4's DPO losses, by its names."""
-_SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_pair")
-"""The losses that read label_smoothing; TRL ignores it in the others."""
+"""DPO losses, by TRL 0.11.4's names (aot_pair is TRL 1.x's aot_unpaired; the others keep their
+names). bco_pair in TRL 1.x keeps no running reward mean: after the first step its loss is not
+0.11.4's."""
+_SMOOTHED = ("robust", "exo_pair", "aot", "aot_pair")
+"""The losses that read label_smoothing in TRL 1.x (0.11.4's sigmoid did too; 1.x's ignores it)."""
 
 
 @dataclass(frozen=True)
 class DPO(Section):
-    """Direct Preference Optimization with TRL's DPO loss, instead of a reward model and PPO.
+    """Direct Preference Optimization with TRL 1.x's DPO loss, instead of a reward model and PPO.
 
     Trains the recipe's LoRA policy on (prompt, chosen, rejected) triples; the reference is
     the same model with its adapters off (after SFT, if the recipe has that stage), so there
     is no second copy. The run is evaluated as a PPO run is: the recipe's reward and
-    KL(policy || reference) of the policy's own samples on the held-out prompts.
+    KL(policy || reference) of the policy's own samples on the held-out prompts. Under
+    `accelerate launch`, the processes share each batch and average their gradients.
     """
 
     section: typing.ClassVar[str] = "dpo"
@@ -116,16 +119,17 @@ class DPO(Section):
     """How far from the reference the loss lets the policy move: lower allows more KL."""
     loss_type: Literal[LOSS_TYPES] = "sigmoid"
     max_length: int = 128
-    """Prompt plus answer, in tokens (TRL falls back to 512 when unset: set it here)."""
+    """Prompt plus answer, in tokens (TRL 1.x falls back to 1024 when unset: set it here)."""
     max_prompt_length: int = 64
     """Prompt tokens kept (its end) when prompt and answer are too long together."""
     label_smoothing: float = 0.0
-    """The assumed share of flipped labels (conservative DPO); for sigmoid, robust, exo_pair, aot, aot_pair."""
+    """The assumed share of flipped labels (conservative DPO); for robust, exo_pair, aot, aot_pair."""
     rpo_alpha: Optional[float] = None
-    """Weight of an SFT term on the chosen answers (RPO); none leaves it out."""
+    """Weight of an SFT term on the chosen answers (RPO; TRL 1.x's "sft" loss term beside
+    loss_type); none leaves it out."""
     gradient_accumulation_steps: int = 1
     """Split each batch into this many passes, for memory. The update is the same for the losses
-    that treat pairs one by one; aot and aot_pair sort, bco_pair averages, and rpo_alpha's SFT
+    that treat pairs one by one; aot and aot_pair sort, and rpo_alpha's SFT
     term takes a token mean within each pass."""
     max_grad_norm: Optional[float] = 1.0
     lr_scheduler: Literal["constant", "linear", "cosine"] = "linear"
@@ -143,6 +147,9 @@ class DPO(Section):
     answer with no space of their own run together ("greatmovie"). Yours to decide."""
     heldout: int = 200
     """Rows kept out of training, to measure DPO's own metrics (margins, accuracy) on before and after."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of keeping them: less memory, about a
+    third more time (non-reentrant checkpointing)."""
 
     def check(self) -> None:
         self.require(bool(self.dataset.strip()), "dataset", "must name a Hub dataset or local file(s)")

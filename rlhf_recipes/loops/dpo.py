@@ -16,6 +16,7 @@ on samples: neither a reward nor a KL.
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -46,7 +47,8 @@ def load_pairs(cfg: DPO, seed: int, heldout_prompts: set[str]) -> tuple[list[tup
 
 
 def total_steps(cfg: DPO, pairs: int, cap: int | None) -> int:
-    """ceil(epochs * pairs / batch_size) updates, or `cap` (run.steps) if that is fewer."""
+    """ceil(epochs * pairs / batch_size) updates, or `cap` (run.steps) if that is fewer; the
+    same on any number of processes, which share each batch."""
     steps = max(1, math.ceil(cfg.epochs * pairs / cfg.batch_size))
     return min(steps, cap) if cap else steps
 
@@ -57,14 +59,13 @@ def pair_metrics(trainer, batch_size: int) -> dict[str, float]:
     rows = trainer.eval_dataset
     if rows is None:
         return {}
-    moments = trl_backend.running_moments(trainer)  # measuring must not move bco_pair's moments
+    trainer.model.eval()
     totals: dict[str, float] = {}
     for start in range(0, len(rows), batch_size):
         chunk = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
         loss, metrics = trl_backend.dpo_batch_loss(trainer, chunk, train=False)
         for k, v in {"loss": float(loss), **metrics}.items():
             totals[k] = totals.get(k, 0.0) + v * len(chunk) / len(rows)
-    trl_backend.running_moments(trainer, moments)
     return totals
 
 
@@ -75,10 +76,14 @@ def train_dpo(recipe: Recipe, resume: bool = False) -> TrainResult:
     Raises RunStopped when a signal or repeated non-finite batches stop it early.
     """
     cfg, run = recipe.dpo, recipe.run
+    if any(os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() == "true" for name in ("DEEPSPEED", "FSDP")):
+        raise RecipeError("dpo runs under DDP (accelerate/ddp.yaml): DeepSpeed and FSDP are not supported for DPO yet")
     started = begin(recipe, resume)
-    if started.state.num_processes > 1:
-        raise RecipeError("dpo runs on one process: start it with python -m rlhf_recipes.run, "
-                          "not accelerate launch --num_processes N")
+    rank, processes = started.state.process_index, started.state.num_processes
+    if processes > 1 and cfg.batch_size % (processes * cfg.gradient_accumulation_steps):
+        raise RecipeError(f"dpo.batch_size={cfg.batch_size} must be a multiple of the processes times "
+                          f"dpo.gradient_accumulation_steps ({processes} x {cfg.gradient_accumulation_steps}): "
+                          "each process takes an equal share of every batch")
     if started.encoder_decoder:
         raise RecipeError(f"dpo: policy.model {recipe.policy.model!r} is an encoder-decoder, which the DPO loop "
                           "does not train yet; use a causal LM, or PPO for this policy")
@@ -95,7 +100,7 @@ def train_dpo(recipe: Recipe, resume: bool = False) -> TrainResult:
     # the Trainer wants a directory; our loop saves nothing in it
     with tempfile.TemporaryDirectory(prefix="rlhf_recipes-dpo-") as work:
         trainer = trl_backend.make_dpo_trainer(cfg, started.policy.pretrained_model, tokenizer, train_rows, held_rows,
-                                               steps, run.seed, Path(work))
+                                               steps, run.seed, Path(work), cfg.gradient_checkpointing)
 
     def evaluate_now(step: int, check: bool = False) -> dict:
         record = started.held_out(step, check)  # the recipe's reward and KL of samples, as for PPO,
@@ -112,26 +117,34 @@ def train_dpo(recipe: Recipe, resume: bool = False) -> TrainResult:
     if saved is None:
         tracked.log_evaluation(evaluation["before"])
     console.print(f"[bold]{escape(recipe.name)}[/]: DPO on {len(train_rows)} pairs ({len(held_rows)} held out), "
-                  f"{steps} steps of {cfg.batch_size} (beta {cfg.beta:g}, {cfg.loss_type}), "
+                  f"{steps} steps of {cfg.batch_size}" + (f" ({processes} processes x {cfg.batch_size // processes})"
+                                                          if processes > 1 else "")
+                  + f" (beta {cfg.beta:g}, {cfg.loss_type}), "
                   f"evaluated on {len(started.prompts.heldout)} held-out prompts -> {out}", soft_wrap=True)
     if dropped:
         console.print(f"dpo: {dropped} rows had a held-out evaluation prompt and were left out of training",
                       soft_wrap=True)
 
     def save_checkpoint(done: int) -> Path:
+        rngs = distributed.gather([checkpoint.rng_state()])
         state = {"trainer": trl_backend.trainer_state(trainer), "num_pairs": len(train_rows),
-                 "num_prompts": len(started.prompts.train), "processes": 1, "deepspeed": False, "skipped": skipped,
-                 "bad_in_row": bad_in_row, "evaluation": evaluation}
-        return checkpoint.save(out, done, state, records, run.keep_checkpoints)
+                 "num_prompts": len(started.prompts.train), "processes": processes, "deepspeed": False,
+                 "skipped": skipped, "bad_in_row": bad_in_row, "evaluation": evaluation}
+        return distributed.from_main(checkpoint.save(out, done, state, records, run.keep_checkpoints, rngs)
+                                     if main else None)
 
     with StepDisplay(steps, start, label="DPO") as display, StopRequests() as stop:
         for step in range(start, steps):
             t0 = time.perf_counter()
-            # 1. this step's pairs: a pure function of seed and step, one shuffle per epoch
-            rows = [trainer.train_dataset[i] for i in batch_indices(len(train_rows), cfg.batch_size, step, run.seed)]
+            # 1. this step's pairs: a pure function of seed and step, one shuffle per epoch; each
+            #    process takes its share
+            batch = batch_indices(len(train_rows), cfg.batch_size, step, run.seed)
+            share = cfg.batch_size // processes
+            rows = [trainer.train_dataset[i] for i in batch[rank * share:(rank + 1) * share]]
 
-            # 2. one update with TRL's DPO loss against the adapters-off reference; none, with
-            #    nothing changed, when a loss or the gradient is not finite
+            # 2. one update with TRL's DPO loss against the adapters-off reference, the gradients
+            #    averaged over processes; none, with nothing changed, when a loss or the gradient
+            #    is not finite
             stats = trl_backend.dpo_update(trainer, rows)
             if stats is None:
                 skipped, bad_in_row = skipped + 1, bad_in_row + 1

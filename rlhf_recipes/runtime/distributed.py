@@ -80,6 +80,19 @@ def any_process(flag: bool) -> bool:
     return bool(value.item())
 
 
+def average(tensors: list[torch.Tensor]) -> None:
+    """Each tensor replaced, in place, by its mean over the processes (identical on every one of
+    them afterwards); nothing to do with one process. One collective for all of them."""
+    processes = init().num_processes
+    if processes == 1 or not tensors:
+        return
+    flat = torch.cat([t.detach().reshape(-1).to(init().device, torch.float32) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= processes
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
+
+
 def barrier() -> None:
     if init().num_processes > 1:
         dist.barrier()

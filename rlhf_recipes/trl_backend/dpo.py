@@ -1,4 +1,4 @@
-"""DPO's TRL side: TRL 0.11.4's DPOTrainer made to run on today's transformers, and what
+"""DPO's TRL side: TRL 1.x's DPOTrainer set up from the recipe's dpo section, and what
 rlhf_recipes.loops.dpo's own loop calls of it (tokenized pairs, a batch's loss, one update)."""
 from __future__ import annotations
 
@@ -8,150 +8,153 @@ from pathlib import Path
 import numpy as np
 import torch
 from trl import DPOConfig, DPOTrainer
+from trl.data_utils import common_prefix_length
 
 from ..components import compat
 from ..config.sections import DPO, RecipeError
+from ..runtime import distributed
+
+RENAMED = {"aot_pair": "aot_unpaired"}  # TRL 0.11.4's name -> TRL 1.x's, the same loss
 
 
-class _DPOTrainer(DPOTrainer, compat.TokenizerArgument):
-    """TRL 0.11.4's DPOTrainer on today's Trainer, which has methods of three of its names with
-    newer signatures. rlhf_recipes.loops.dpo runs its own loop and calls only the loss; these keep
-    `.train()` working for a project that imports the trainer from make_dpo_trainer."""
+def losses(cfg: DPO) -> tuple[list[str], list[float]]:
+    """The section's loss_type and rpo_alpha as TRL 1.x's loss_type list and loss_weights: RPO's
+    negative log-likelihood of the chosen answer is TRL's "sft" term, weighted rpo_alpha."""
+    types, weights = [RENAMED.get(cfg.loss_type, cfg.loss_type)], [1.0]
+    if cfg.rpo_alpha is not None:
+        types, weights = types + ["sft"], weights + [cfg.rpo_alpha]
+    return types, weights
 
-    def get_batch_samples(self, *args, **kwargs):
-        if args and isinstance(args[0], torch.nn.Module):  # DPO's: (model, batch) -> generated texts
-            return super().get_batch_samples(*args, **kwargs)
-        return super(DPOTrainer, self).get_batch_samples(*args, **kwargs)  # the Trainer's: the next batches
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        return super().compute_loss(model, inputs, return_outputs=return_outputs)
-
-    @staticmethod
-    def get_batch_logps(logits, *args, **kwargs):
-        # TRL sums token log-probs in the logits' dtype: in bfloat16 a sequence's log-prob is
-        # rounded to whole nats at real lengths, and small margins vanish
-        return DPOTrainer.get_batch_logps(logits.float(), *args, **kwargs)
-
-    def log(self, logs: dict, start_time=None) -> None:  # DPO's merges its stored metrics, then the Trainer's logs
-        split = "train" if "loss" in logs else "eval"
-        for key, values in self._stored_metrics.pop(split, {}).items():
-            logs[key] = torch.tensor(values).mean().item()
-        super(DPOTrainer, self).log(logs, start_time)
+def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, max_length: int, max_prompt_length: int,
+                  bos: int | None, adds_bos: bool) -> dict[str, list[int]]:
+    """One DPO row: the prompt's tokens as the tokenizer starts a prompt (no BOS for GPT-2, one
+    for Llama), split from each answer where tokenizing prompt + answer departs from the prompt's
+    own tokens, and each answer ending in EOS. A row longer than max_length keeps the prompt's last
+    max_prompt_length tokens (with Llama's BOS put back first) and each answer's first
+    max_length - max_prompt_length: TRL 1.x has no prompt cut of its own, and drops a row whose
+    prompt alone is too long, which would leave the loop's batches short."""
+    eos = tokenizer.eos_token_id
+    p = tokenizer(prompt)["input_ids"]
+    c, r = tokenizer(prompt + chosen)["input_ids"], tokenizer(prompt + rejected)["input_ids"]
+    n = min(common_prefix_length(p, c), common_prefix_length(p, r))
+    p, c, r = p[:n], c[n:] + [eos], r[n:] + [eos]
+    if len(p) + max(len(c), len(r)) > max_length:
+        p = p[-max_prompt_length:]
+        if adds_bos and p[:1] != [bos]:
+            p = [bos, *p[1:]]
+        c, r = c[:max_length - max_prompt_length], r[:max_length - max_prompt_length]
+    return {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
 
 
 def make_dpo_trainer(cfg: DPO, model, tokenizer, train: list[tuple[str, str, str]], heldout: list[tuple[str, str, str]],
-                     steps: int, seed: int, work_dir: Path) -> DPOTrainer:
+                     steps: int, seed: int, work_dir: Path, checkpointing: bool = False) -> DPOTrainer:
     """TRL's DPOTrainer for a PEFT `model` (the reference is `model` with its adapters off), the
-    section passed through, its triples (prompt, chosen, rejected) tokenized by TRL, and an
-    optimizer and schedule for `steps` updates.
+    section passed through, its triples (prompt, chosen, rejected) tokenized by tokenize_pair,
+    and an optimizer and schedule for `steps` updates.
 
-    Each row then starts as the evaluation's prompts do (see _bos_as_sampled), and TRL's own
-    errors about a row become one line naming dpo.dataset.
+    checkpointing: non-reentrant gradient checkpointing (the policy's dpo.gradient_checkpointing).
     """
     from datasets import Dataset
 
     from ..components.data import no_progress_bars
 
-    def dataset(rows):
-        # a prompt's trailing whitespace goes to the answers: TRL splits prompt from answer at the
-        # prompt's own token count, and a space that merges into the answer's first token
-        # ("the " + "movie") would take a token out of both
-        prompts = [r[0].rstrip() for r in rows]
-        lead = [r[0][len(p):] + cfg.separator for r, p in zip(rows, prompts)]
-        return Dataset.from_dict({"prompt": prompts, "chosen": [w + r[1] for w, r in zip(lead, rows)],
-                                  "rejected": [w + r[2] for w, r in zip(lead, rows)]})
+    bos = tokenizer.bos_token_id
+    adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
-    args = DPOConfig(output_dir=str(work_dir), beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
-                     rpo_alpha=cfg.rpo_alpha, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                     truncation_mode="keep_end", learning_rate=cfg.learning_rate, max_steps=steps,
-                     per_device_train_batch_size=cfg.batch_size // cfg.gradient_accumulation_steps,
-                     gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_grad_norm=cfg.max_grad_norm or 0.0,
-                     lr_scheduler_type=cfg.lr_scheduler, **compat.warmup(cfg.warmup_ratio), weight_decay=0.0,
-                     seed=seed, save_strategy="no", report_to="none", disable_tqdm=True, remove_unused_columns=False,
-                     dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), precompute_ref_log_probs=False,
-                     disable_dropout=True, generate_during_eval=False)
+    def dataset(rows):
+        out = []
+        for prompt, good, bad in rows:
+            # a prompt's trailing whitespace goes to the answers: a space that merges into the
+            # answer's first token ("the " + "movie") would otherwise take a token out of both
+            kept = prompt.rstrip()
+            lead = prompt[len(kept):] + cfg.separator
+            out.append(tokenize_pair(tokenizer, kept, lead + good, lead + bad, cfg.max_length, cfg.max_prompt_length,
+                                     bos, adds_bos))
+        return Dataset.from_list(out)
+
+    types, weights = losses(cfg)
+    smoothing = cfg.label_smoothing or (1e-3 if types[0] == "exo_pair" else 0.0)  # TRL 0.11.4's exo_pair default
+    micro = cfg.batch_size // cfg.gradient_accumulation_steps
+    args = DPOConfig(output_dir=str(work_dir), beta=cfg.beta, loss_type=types, loss_weights=weights,
+                     label_smoothing=smoothing, max_length=cfg.max_length, truncation_mode="keep_start",
+                     learning_rate=cfg.learning_rate, max_steps=steps, per_device_train_batch_size=micro,
+                     per_device_eval_batch_size=micro, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                     max_grad_norm=cfg.max_grad_norm or 0.0, lr_scheduler_type=cfg.lr_scheduler,
+                     **compat.warmup(cfg.warmup_ratio), weight_decay=0.0, seed=seed, save_strategy="no",
+                     report_to="none", disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
+                     use_cpu=not torch.cuda.is_available(), precompute_ref_log_probs=False, disable_dropout=True,
+                     # TRL 1.x's defaults turned these on; the policy's own dtype, and checkpointing as asked
+                     bf16=False, fp16=False, **compat.checkpointing_args(checkpointing), padding_free=False)
+    trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
     with no_progress_bars():
         try:
-            trainer = _DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset(train),
-                                  eval_dataset=dataset(heldout) if heldout else None, tokenizer=tokenizer)
-        except ValueError as err:  # TRL's tokenization refusing a row
+            train_rows, held_rows = dataset(train), dataset(heldout) if heldout else None
+        except ValueError as err:  # a tokenizer refusing a row
             raise RecipeError(f"dpo.dataset {cfg.dataset!r}: {str(err).splitlines()[0]}") from None
-        bos = tokenizer.bos_token_id
-        adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
-        if bos is not None:
-            fix = {"bos": bos, "adds_bos": adds_bos}
-            trainer.train_dataset = trainer.train_dataset.map(_bos_as_sampled, fn_kwargs=fix)
-            if trainer.eval_dataset is not None:
-                trainer.eval_dataset = trainer.eval_dataset.map(_bos_as_sampled, fn_kwargs=fix)
+        # TRL 1.x tokenizes text rows only: it gets one, then our tokenized rows, which its collator takes as they are
+        stub = Dataset.from_dict({"prompt": ["a"], "chosen": [" b"], "rejected": [" c"]})
+        trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=stub, processing_class=tokenizer)
+        if "ref" in getattr(trainer.model, "peft_config", {}):
+            # TRL copies a PeftModel's adapter as a frozen "ref" one; the adapters-off model is the
+            # same reference (the adapter starts at zero), without a second adapter to save
+            trainer.model.delete_adapter("ref")
+        trainer.train_dataset, trainer.eval_dataset = train_rows, held_rows
+    if checkpointing:  # TRL's Trainer would switch it on in train(), which our loop does not call
+        compat.enable_checkpointing(trainer.model)
+        trainer.model.config.use_cache = False
+    for name, p in trainer.model.named_parameters():  # TRL casts LoRA on a quantized base to bfloat16
+        if name in trainable and p.dtype != trainable[name]:
+            p.data = p.data.to(trainable[name])
     trainer.create_optimizer_and_scheduler(num_training_steps=steps)
     return trainer
-
-
-def _bos_as_sampled(row: dict, bos: int, adds_bos: bool) -> dict:
-    """A tokenized DPO row that starts as the tokenizer starts a prompt: without the BOS TRL puts
-    before a GPT-2 prompt (its tokenizer adds none), or with the BOS a Llama prompt cut to
-    max_prompt_length from the left lost. Each column on its own: TRL may cut only one of them."""
-    row = dict(row)
-    for side in ("prompt", "chosen", "rejected"):
-        ids = f"{side}_input_ids"
-        starts = bool(row[ids]) and row[ids][0] == bos
-        if starts and not adds_bos:
-            for key in (ids, f"{side}_attention_mask", f"{side}_labels"):
-                if key in row:
-                    row[key] = row[key][1:]
-        elif adds_bos and not starts and row[ids]:
-            row[ids] = [bos, *row[ids][1:]]  # labels are -100 there: a prompt token
-    return row
 
 
 def dpo_batch_loss(trainer: DPOTrainer, rows: list[dict], train: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
     """The DPO loss of tokenized rows (of trainer.train_dataset or eval_dataset), policy against the
     adapters-off reference, and TRL's metrics under its own keys (rewards/chosen, rewards/margins,
-    rewards/accuracies, logps/chosen, ...); with train=False, without a graph."""
-    batch = trainer.data_collator(rows)
+    rewards/accuracies, logps/chosen, entropy, ...); with train=False, without a graph."""
+    inputs = trainer._prepare_inputs(trainer.data_collator(rows))
+    store = trainer._metrics["train" if trainer.model.training else "eval"]  # where compute_loss appends them
+    store.clear()
     with contextlib.nullcontext() if train else torch.no_grad():
-        loss, metrics = trainer.get_batch_loss_metrics(trainer.model, batch, train_eval="train")
-    return loss, {k: float(v) for k, v in metrics.items()}
+        loss = trainer.compute_loss(trainer.model, inputs)
+    metrics = {k: float(v[-1]) for k, v in store.items() if k != "num_tokens"}  # num_tokens: a running count
+    store.clear()
+    return loss, metrics
 
 
 def dpo_update(trainer: DPOTrainer, rows: list[dict]) -> dict[str, float] | None:
-    """One optimizer step of DPO on `rows`, in dpo.gradient_accumulation_steps passes; returns the
-    loss and TRL's metrics (averaged over the passes), or None, with nothing changed, when a
-    loss or the gradient norm is not finite."""
+    """One optimizer step of DPO on `rows` (this process's share of the batch), in
+    dpo.gradient_accumulation_steps passes, the gradients averaged over the processes; returns
+    the loss and TRL's metrics (averaged over passes and processes), or None, with nothing
+    changed, when a loss or the gradient norm is not finite on any process."""
     passes = trainer.args.gradient_accumulation_steps
     size = -(-len(rows) // passes)
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     totals: dict[str, float] = {}
-    moments = running_moments(trainer)  # bco_pair's, which each loss call moves
+    trainer.model.train()  # dropout is off (TRL's disable_dropout); transformers checkpoints only in train mode
     for start in range(0, len(rows), size):
         loss, metrics = dpo_batch_loss(trainer, rows[start:start + size])
-        if not torch.isfinite(loss):
+        if distributed.any_process(not bool(torch.isfinite(loss))):
             trainer.optimizer.zero_grad(set_to_none=True)
-            running_moments(trainer, moments)
             return None
         (loss / passes).backward()
         for k, v in {"loss": float(loss.detach()), **metrics}.items():
             totals[k] = totals.get(k, 0.0) + v / passes
+    # as DDP would: every process steps with the mean gradient, and so stays an identical copy
+    distributed.average([p.grad for p in params if p.grad is not None])
+    keys = sorted(totals)
+    means = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
+    distributed.average([means])
+    totals = dict(zip(keys, means.tolist()))
     clip = trainer.args.max_grad_norm or float("inf")
     norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
     if not np.isfinite(norm):
         trainer.optimizer.zero_grad(set_to_none=True)
-        running_moments(trainer, moments)
         return None
     rate = trainer.lr_scheduler.get_last_lr()[0]  # this step's
     trainer.optimizer.step()
     trainer.lr_scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     return {**totals, "grad_norm": norm, "learning_rate": rate}
-
-
-def running_moments(trainer, restore: dict | None = None) -> dict | None:
-    """The running reward moments of TRL's bco_pair loss (None for the other losses), or, given
-    `restore`, put them back: held-out scoring and a skipped batch must not move them."""
-    running = getattr(trainer, "running", None)
-    if running is None:
-        return None
-    if restore is not None:
-        for key, value in restore.items():
-            setattr(running, key, value)
-    return {k: getattr(running, k) for k in ("mean", "std", "var", "count")}

@@ -1,11 +1,11 @@
-"""The stages before PPO or DPO, on TRL's trainers: supervised fine-tuning (causal and
-encoder-decoder) and a pairwise reward model."""
+"""The stages before PPO or DPO, on TRL 1.x's trainers: supervised fine-tuning (causal; an
+encoder-decoder on transformers' Trainer) and a pairwise reward model."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from transformers import PrinterCallback, TrainerCallback
+from transformers import PrinterCallback, Trainer, TrainerCallback
 from trl import RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 
 from ..components import compat
@@ -35,12 +35,14 @@ class _Progress(TrainerCallback):
 def _trainer_args(cfg: SFT | RewardModel, seed: int, work_dir: Path, report: dict) -> dict:
     """The transformers Trainer settings both stages share: the section's own values, a cosine
     schedule with 5% warm-up and no weight decay, nothing saved by the Trainer, and the run's
-    trackers (`report`, from trackers.trainer_settings)."""
+    trackers (`report`, from trackers.trainer_settings). TRL 1.x turned bf16 and gradient
+    checkpointing on by default: set here, so that a TRL release cannot move them."""
     return dict(output_dir=str(work_dir), learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs,
                 per_device_train_batch_size=cfg.batch_size, lr_scheduler_type="cosine", **compat.warmup(0.05),
                 weight_decay=0.0, seed=seed, logging_steps=10, save_strategy="no", **compat.trainer_logging(report),
                 disable_tqdm=True, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
-                ddp_find_unused_parameters=False)  # under accelerate launch: every weight is used
+                ddp_find_unused_parameters=False,  # under accelerate launch: every weight is used
+                bf16=False, fp16=False, **compat.checkpointing_args(False))
 
 
 def train_sft(model, tokenizer, texts: list[str], cfg: SFT, seed: int, work_dir: Path, report: dict) -> list[float]:
@@ -49,10 +51,10 @@ def train_sft(model, tokenizer, texts: list[str], cfg: SFT, seed: int, work_dir:
 
     data = Dataset.from_dict({"text": [t + tokenizer.eos_token for t in texts]})
     args = SFTConfig(**_trainer_args(cfg, seed, work_dir, report), dataset_text_field="text",
-                     max_seq_length=cfg.max_length, packing=False)
+                     max_length=cfg.max_length, packing=False, padding_free=False)
     with compat.tensorboard_dir(report.get("logging_dir")):
-        trainer = _SFTTrainer(model=model, args=args, train_dataset=data, tokenizer=tokenizer,
-                              data_collator=lambda rows: _lm_batch(tokenizer, rows), callbacks=[_Progress("sft")])
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                             data_collator=lambda rows: _lm_batch(tokenizer, rows), callbacks=[_Progress("sft")])
     trainer.remove_callback(PrinterCallback)  # a raw dict per log step; the stage prints its own summary
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -61,7 +63,7 @@ def train_sft(model, tokenizer, texts: list[str], cfg: SFT, seed: int, work_dir:
 def train_seq2seq_sft(model, tokenizer, pairs: list[tuple[str, str]], cfg: SFT, seed: int, work_dir: Path,
                       report: dict) -> list[float]:
     """transformers' Trainer on (source, target) pairs, for an encoder-decoder policy: the target's
-    cross-entropy given the source (TRL 0.11.4's SFTTrainer is for causal LMs); returns the logged losses."""
+    cross-entropy given the source (TRL's SFTTrainer is for causal LMs); returns the logged losses."""
     from datasets import Dataset
     from transformers import TrainingArguments
 
@@ -71,31 +73,20 @@ def train_seq2seq_sft(model, tokenizer, pairs: list[tuple[str, str]], cfg: SFT, 
     args = TrainingArguments(**_trainer_args(cfg, seed, work_dir, report), remove_unused_columns=False)
     collate = lambda rows: seq2seq.batch(tokenizer, [(r["source"], r["target"]) for r in rows], cfg.max_length)  # noqa
     with compat.tensorboard_dir(report.get("logging_dir")):
-        trainer = compat.TokenizerArgument(model=model, args=args, train_dataset=data, tokenizer=tokenizer,
-                                           data_collator=collate, callbacks=[_Progress("sft")])
+        trainer = Trainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                          data_collator=collate, callbacks=[_Progress("sft")])
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
 def _lm_batch(tokenizer, rows: list[dict]) -> dict:
-    """Pad a batch for next-token loss, masking padding by the attention mask, not by token id:
-    TRL's default collator masks every pad id, and GPT-2's pad is its EOS, which would then
-    never be learned."""
-    batch = tokenizer.pad([{k: r[k] for k in ("input_ids", "attention_mask")} for r in rows], return_tensors="pt")
+    """Pad a batch for next-token loss, masking padding by position, not by token id: GPT-2's pad
+    is its EOS, which would otherwise never be learned. TRL 1.x's tokenized rows carry input_ids
+    (and labels) only, so the mask comes from the padding of input_ids."""
+    batch = tokenizer.pad({"input_ids": [list(r["input_ids"]) for r in rows]}, return_tensors="pt")
     batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     return batch
-
-
-class _SFTTrainer(SFTTrainer, compat.TokenizerArgument):
-    """TRL's SFTTrainer, its `tokenizer=` taken by both transformers versions."""
-
-
-class _PairwiseRewardTrainer(RewardTrainer, compat.TokenizerArgument):
-    """TRL 0.11.4's compute_loss predates the num_items_in_batch argument transformers now passes."""
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        return super().compute_loss(model, inputs, return_outputs=return_outputs)
 
 
 def train_reward_model(model, tokenizer, pairs: list[tuple[str, str]], cfg: RewardModel, seed: int,
@@ -104,15 +95,17 @@ def train_reward_model(model, tokenizer, pairs: list[tuple[str, str]], cfg: Rewa
     small pull of the rewards towards 0 so PPO sees centred values; returns the logged losses."""
     from datasets import Dataset
 
-    chosen, rejected = (tokenizer([p[i] for p in pairs], truncation=True, max_length=cfg.max_length) for i in (0, 1))
-    data = Dataset.from_dict({"input_ids_chosen": chosen["input_ids"], "attention_mask_chosen": chosen["attention_mask"],
-                              "input_ids_rejected": rejected["input_ids"],
-                              "attention_mask_rejected": rejected["attention_mask"]})
+    # tokenized and cut here: TRL 1.x would append an EOS to texts (which the scoring of PPO's
+    # samples never has) and drops, rather than cuts, a pair longer than max_length
+    chosen, rejected = (tokenizer([p[i] for p in pairs], truncation=True, max_length=cfg.max_length)["input_ids"]
+                        for i in (0, 1))
+    data = Dataset.from_dict({"chosen_ids": chosen, "rejected_ids": rejected})
+    # TRL 1.x turns dropout off by default; the stage trained with the model's own, as before
     args = RewardConfig(**_trainer_args(cfg, seed, work_dir, report), max_length=cfg.max_length,
-                        remove_unused_columns=False, center_rewards_coefficient=cfg.center_rewards)
+                        center_rewards_coefficient=cfg.center_rewards, disable_dropout=False)
     with compat.tensorboard_dir(report.get("logging_dir")):
-        trainer = _PairwiseRewardTrainer(model=model, args=args, train_dataset=data, tokenizer=tokenizer,
-                                         callbacks=[_Progress("reward_model")])
+        trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                                callbacks=[_Progress("reward_model")])
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
