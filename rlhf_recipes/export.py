@@ -21,7 +21,7 @@ from .components.loading import load_pretrained
 from .components.policy import DTYPES, load_tokenizer, quantization_config
 from .components.rollout import sampling_config
 from .config.sections import RecipeError
-from .run import OneLineParser
+from .cli import OneLineParser
 from .runtime.rundir import MODEL, RECIPE, atomic_dir
 
 

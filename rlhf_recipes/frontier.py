@@ -37,7 +37,7 @@ from .config.recipe import apply_overrides, load_recipe
 from .config.sections import Recipe, RecipeError
 from .reporting.console import console
 from .reporting.metrics import best_of_n_kl, expected_best_of, summarize
-from .run import OneLineParser
+from .cli import OneLineParser
 from .runtime.rundir import EVAL, RECIPE, STAGES, check_same_recipe
 from .runtime.stopping import RunStopped
 

@@ -34,12 +34,12 @@ import torch
 
 from .components.rollout import evaluating, generate, pad_batch
 from .config.sections import Generation, RecipeError
-from .evaluation import scoring_inputs
+from .reporting.heldout import scoring_inputs
 from .reporting.console import StepDisplay
 from .reporting.interpret_passes import (QUANTIZED, check_model, chunks, contrast, decompose, hooked_forward,
                                          kl_rows, merge, patched_forward, position_stats, token_ids)
 from .reporting.report import KEPT
-from .run import OneLineParser
+from .cli import OneLineParser
 
 OUT_DIR, (BEGIN, END) = "interpret", KEPT  # report.md keeps the section when it is rewritten
 

@@ -14,13 +14,8 @@ import sys
 
 from .config.recipe import apply_overrides, load_recipe, shipped_recipes, valid_keys
 from .config.sections import RecipeError
+from .cli import OneLineParser
 from .runtime.stopping import RunStopped
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
-        print(f"error: {message}; see --help", file=sys.stderr)
-        raise SystemExit(2)
 
 
 def parser() -> argparse.ArgumentParser:

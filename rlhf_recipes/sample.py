@@ -19,7 +19,7 @@ from .config.sections import RecipeError
 from .evaluation import evaluate, load_run
 from .reporting.console import console
 from .reporting.report import num
-from .run import OneLineParser
+from .cli import OneLineParser
 from .runtime.rundir import read_heldout
 
 

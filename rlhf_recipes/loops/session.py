@@ -17,7 +17,7 @@ from ..components.policy import build_policy, load_config, load_tokenizer
 from ..components.reward import build_reward
 from ..config.recipe import absolute_paths, resolve_callable
 from ..config.sections import Recipe, RecipeError
-from ..evaluation import evaluate
+from ..reporting.heldout import evaluate
 from ..reporting import trackers
 from ..reporting.console import append_jsonl, console, sample_table
 from ..reporting.report import summary_line, write_report

@@ -1,0 +1,15 @@
+"""What every command shares: the argument parser that says what is wrong in one line and exits 2.
+
+A module of its own, so that the commands (run, evaluation, sample, export, interpret, frontier)
+import it without importing one another.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        print(f"error: {message}; see --help", file=sys.stderr)
+        raise SystemExit(2)
