@@ -37,6 +37,20 @@ NEOX_SHAPES = {
 }
 
 
+def trl011_python() -> list[str] | None:
+    """The command (argv prefix) of a python with trl==0.11.4 and transformers 4.57, for the
+    baselines that run TRL's classic PPO: $RLHF_RECIPES_TRL011_PYTHON (a path, or a command such as
+    `env PYTHONPATH=... python3`, as bench/gpu.sh sets it), else the repo's .venv-trl011
+    (bench/trl011_venv.sh), else None. rlhf_recipes must import there too."""
+    import shlex
+
+    given = os.environ.get("RLHF_RECIPES_TRL011_PYTHON")
+    default = HERE.parent / ".venv-trl011" / "bin" / "python"
+    if given:
+        return shlex.split(given)
+    return [str(default)] if default.exists() else None
+
+
 def build_models(shape: str) -> dict[str, Path]:
     """The policy of `shape` (random weights), a tiny DistilBERT sentiment classifier and a prompt file.
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks in one command, for a CUDA machine without internet that has torch, accelerate
 # and peft but not this project's stack: the pinned wheels in bench/wheels/ (bench/fetch_wheels.sh)
-# are installed into $SITE ahead of the machine's own packages, then the opt-in GPU tests and the
+# are installed into $SITE ahead of the machine's own packages, and TRL 0.11.4's stack (the
+# baselines' classic PPOTrainer, bench/wheels-trl011/) into $SITE011, then the opt-in GPU tests and the
 # GPU benchmarks run, each under its own timeout and all within $BUDGET_S seconds; a failed step
 # does not stop the others. Logs, versions, nvidia-smi, summary.txt (rc and seconds per step) and,
 # with RECORD=1, the updated RESULTS.md go to $OUT.
@@ -13,7 +14,8 @@
 # Environment: OUT (default bench/gpu_out), PYTHON (python3; python with --rehearse), BUDGET_S (480),
 # LARGE_SHAPES ("pythia-1b"; add pythia-6.9b for the 7B question: 14 GB written once, minutes more),
 # RECORD (1 on the GPU, 0 with --rehearse: pass --record, so bench/RESULTS.md is rewritten and copied
-# to $OUT), SITE (/tmp/site), SRC (/tmp/rlhf_src), INSTALL (1 on the GPU, 0 with --rehearse; INSTALL=1
+# to $OUT), SITE (/tmp/site), SITE011 (/tmp/site011), SRC (/tmp/rlhf_src), INSTALL (1 on the GPU, 0
+# with --rehearse, where the baselines use .venv-trl011 from bench/trl011_venv.sh; INSTALL=1
 # --rehearse with a transformers-5 python rehearses the GPU machine's shadowing on a CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +29,7 @@ OUT=${OUT:-bench/gpu_out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 SITE=${SITE:-/tmp/site}
+SITE011=${SITE011:-/tmp/site011}
 SRC=${SRC:-/tmp/rlhf_src}
 BUDGET_S=${BUDGET_S:-480}
 LARGE_SHAPES=${LARGE_SHAPES:-pythia-1b}
@@ -40,23 +43,33 @@ echo "# bench/gpu.sh$( (( REHEARSE )) && echo ' --rehearse'), $(date -u +%FT%TZ)
 # (a) the pinned wheels, ahead of the machine's packages; the package as setup.cfg lays it out
 # (recipes/ ships as rlhf_recipes.recipes, which a plain PYTHONPATH=$PWD would not give; and `python -m`
 # runs get -P, or the repo root, first on sys.path, would shadow it with a rlhf_recipes lacking recipes)
-if (( INSTALL )); then
-  t0=$(date +%s)
-  rm -rf "$SITE"  # pip install --target silently keeps what is already there
+install() {  # install DIR WHEEL...: the wheels into DIR, ahead of the machine's own packages
+  local dir=$1; shift
+  rm -rf "$dir"  # pip install --target silently keeps what is already there
   if "$PY" -m pip --version > /dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --target "$SITE" bench/wheels/*.whl > "$OUT/install.log" 2>&1
+    "$PY" -m pip install -q --no-index --no-deps --target "$dir" "$@"
   else  # no pip: a wheel is a zip of site-packages (only dill's scripts/ lie outside it, and are not needed)
     "$PY" -c 'import sys, zipfile
 for w in sys.argv[2:]:
     z = zipfile.ZipFile(w)
-    z.extractall(sys.argv[1], [n for n in z.namelist() if ".data/" not in n.split("/", 1)[0] + "/"])' \
-      "$SITE" bench/wheels/*.whl > "$OUT/install.log" 2>&1
-  fi || { echo "install 1 $(( $(date +%s) - t0 ))s" >> "$SUMMARY"; cat "$OUT/install.log"; exit 1; }
+    z.extractall(sys.argv[1], [n for n in z.namelist() if ".data/" not in n.split("/", 1)[0] + "/"])' "$dir" "$@"
+  fi
+}
+if (( INSTALL )); then
+  t0=$(date +%s)
+  { install "$SITE" bench/wheels/*.whl && install "$SITE011" bench/wheels-trl011/*.whl; } > "$OUT/install.log" 2>&1 \
+    || { echo "install 1 $(( $(date +%s) - t0 ))s" >> "$SUMMARY"; cat "$OUT/install.log"; exit 1; }
   echo "install 0 $(( $(date +%s) - t0 ))s" >> "$SUMMARY"
 fi
 rm -rf "$SRC" && mkdir -p "$SRC"
 cp -r rlhf_recipes "$SRC/" && rm -rf "$SRC/rlhf_recipes/recipes" && cp -r recipes "$SRC/rlhf_recipes/recipes"
-if (( INSTALL )); then PP=$SITE:$SRC; else PP=$SRC; fi
+if (( INSTALL )); then
+  PP=$SITE:$SRC
+  # the baselines' python: the same interpreter with TRL 0.11.4's stack first (bench/common.trl011_python)
+  export RLHF_RECIPES_TRL011_PYTHON="env PYTHONPATH=$SITE011:$SRC $PY"
+else
+  PP=$SRC
+fi
 export PYTHONPATH=$PP${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export RLHF_RECIPES_GPU_TESTS=1  # tests/test_gpu.py is opt-in
 

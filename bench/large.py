@@ -29,7 +29,7 @@ def one(shape: str) -> dict:
     """Run in a child process: build `shape`, take two PPO steps, report memory in GB and the second step's time."""
     import torch
 
-    from rlhf_recipes import load_recipe, trl_backend
+    from rlhf_recipes import load_recipe, ppo
     from rlhf_recipes.components.policy import build_policy, load_tokenizer
     from rlhf_recipes.components.rollout import generate
 
@@ -41,7 +41,7 @@ def one(shape: str) -> dict:
     recipe = dataclasses.replace(recipe, policy=dataclasses.replace(recipe.policy, model=str(paths["policy"])))
     tokenizer = load_tokenizer("policy.model", str(paths["policy"]))
     model = build_policy(recipe.policy, device)
-    trainer = trl_backend.make_trainer(recipe, model, tokenizer)
+    trainer = ppo.make_trainer(recipe, model, tokenizer)
     loaded = torch.cuda.memory_allocated() / 2 ** 30
     batch, length = recipe.ppo.batch_size, recipe.generation.response_max_tokens
     queries = [torch.randint(1, 500, (8,)) for _ in range(batch)]
@@ -49,7 +49,7 @@ def one(shape: str) -> dict:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         responses = generate(model, tokenizer, queries, [length] * batch, recipe.generation, device)
-        trl_backend.ppo_step(trainer, queries, responses, [1.0] * batch)
+        ppo.ppo_step(trainer, queries, responses, [1.0] * batch)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
     return {"params": sum(p.numel() for p in model.parameters()) / 1e9, "loaded_gb": loaded,

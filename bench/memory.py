@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 
-from common import build_models, table, write_section
+from common import build_models, table, trl011_python, write_section
 
 CONFIGS = ["none", "8bit", "4bit", "full"]
 LABELS = {"none": "fp32 LoRA", "8bit": "8-bit LoRA", "4bit": "4-bit LoRA", "full": "full fine-tuning + reference copy"}
@@ -31,7 +31,7 @@ def one(config: str, shape: str, batch: int) -> dict:
     import torch
     from accelerate import PartialState
 
-    from rlhf_recipes import trl_backend
+    from rlhf_recipes import ppo
     from rlhf_recipes.components.policy import build_policy, load_tokenizer
     from rlhf_recipes.components.rollout import generate
     from throughput import recipe_for
@@ -47,14 +47,17 @@ def one(config: str, shape: str, batch: int) -> dict:
         model, trainer = _full_finetuning(recipe, tokenizer, paths)
     else:
         model = build_policy(dataclasses.replace(recipe.policy, quantization=config), device)
-        trainer = trl_backend.make_trainer(recipe, model, tokenizer)
+        trainer = ppo.make_trainer(recipe, model, tokenizer)
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand back the buffers loading freed
     loaded = _rss_mb()
     with _PeakRss() as peak:
         responses = generate(model, tokenizer, queries, [16] * batch, recipe.generation, device)
-        trainer.step([q.to(device) for q in queries], [r.to(device) for r in responses],
-                     [torch.tensor(1.0, device=device) for _ in queries])
+        if config == "full":  # TRL 0.11.4's step, in its own venv
+            trainer.step([q.to(device) for q in queries], [r.to(device) for r in responses],
+                         [torch.tensor(1.0, device=device) for _ in queries])
+        else:
+            ppo.ppo_step(trainer, queries, responses, [1.0] * len(queries))
     out = {"loaded_mb": loaded - before, "step_peak_mb": peak.mb - before}
     if torch.cuda.is_available():
         out["cuda_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
@@ -86,7 +89,8 @@ class _PeakRss:
 
 
 def _full_finetuning(recipe, tokenizer, paths):
-    """Every weight trained, and the reference a second full copy: how TRL's examples began."""
+    """Every weight trained, and the reference a second full copy: how TRL's examples began.
+    TRL 0.11.4's own trainer, so this runs in a venv with it (common.trl011_python)."""
     from trl import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer, create_reference_model
 
     model = AutoModelForCausalLMWithValueHead.from_pretrained(str(paths["policy"]))
@@ -109,21 +113,28 @@ def main() -> None:
     build_models(args.shape)
     peaks = {}
     for config in CONFIGS:
-        done = subprocess.run([sys.executable, __file__, "--one", config, "--shape", args.shape,
+        python = trl011_python() if config == "full" else [sys.executable]
+        if python is None:
+            print("full fine-tuning skipped: it runs TRL 0.11.4's trainer, and no venv with it was found "
+                  "(bench/trl011_venv.sh makes one)")
+            continue
+        done = subprocess.run([*python, __file__, "--one", config, "--shape", args.shape,
                                "--batch", str(args.batch)], capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"{config} failed:\n{done.stderr[-2000:]}")
         peaks[config] = json.loads(done.stdout.strip().splitlines()[-1])
     keys = ["cuda_mb"] if "cuda_mb" in peaks["none"] else ["loaded_mb", "step_peak_mb"]
-    rows = [[LABELS[c], *(f"{peaks[c][k]:.0f} ({peaks[c][k] / peaks['none'][k]:.2f}x)" for k in keys)] for c in CONFIGS]
+    rows = [[LABELS[c], *(f"{peaks[c][k]:.0f} ({peaks[c][k] / peaks['none'][k]:.2f}x)" for k in keys)]
+            for c in CONFIGS if c in peaks]
     head = ["configuration", "peak GPU MB"] if keys == ["cuda_mb"] else \
         ["configuration", "resident after loading, MB", "peak during the step, MB"]
     k = keys[-1]
     body = (f"Shape {args.shape}, one PPO step of batch {args.batch} (16 new tokens each); in brackets, the ratio "
             "to fp32 LoRA.\n\n" + table(rows, head)
             + f"\n- 8-bit LoRA / fp32 LoRA, peak: **{peaks['8bit'][k] / peaks['none'][k]:.2f}** (target: at most 0.4)\n"
-            + f"- full fine-tuning with a reference copy / fp32 LoRA, peak: **{peaks['full'][k] / peaks['none'][k]:.2f}**; "
-              "the LoRA reference is the same weights with adapters off, so it costs no second copy\n")
+            + (f"- full fine-tuning with a reference copy (TRL 0.11.4) / fp32 LoRA, peak: "
+               f"**{peaks['full'][k] / peaks['none'][k]:.2f}**; the LoRA reference is the same weights with adapters "
+               "off, so it costs no second copy\n" if "full" in peaks else ""))
     write_section(f"memory ({args.shape}, {'GPU' if keys == ['cuda_mb'] else 'CPU'})", body)
     print(body)
 

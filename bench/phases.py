@@ -1,13 +1,13 @@
 """Where a PPO step of rlhf_recipes spends its time, phase by phase, measured from outside:
 `profiled()` wraps the functions the loop calls (prompt selection, generation and what it
-does around model.generate, decoding, the reward, the rollback snapshot, TRL's step, the
+does around model.generate, decoding, the reward, the rollback snapshot, the PPO step, the
 finiteness check, logging and the display) with timers, and leaves the code under test as it is.
 
     with profiled() as prof:
         result = train(recipe)
     prof.steps  # one {phase: seconds} per step, "wall" from this step's start to the next's
 
-TRL's step is split further by its own `time/ppo/*` metrics (its two scoring passes, the
+The PPO step is split further by its own `time/ppo/*` metrics (its two scoring passes, the
 rewards and advantages, the minibatch updates, its statistics).
 """
 from __future__ import annotations
@@ -25,21 +25,22 @@ PATCHED = (
     ("  cutting", "rlhf_recipes.components.rollout", "cut_response"),
     ("decoding", "rlhf_recipes.loops.training", "decode_pairs"),
     ("reward", "rlhf_recipes.loops.training", "reward_inputs"),  # wraps the call: reward_fn(reward_inputs(...)) below
-    ("rollback snapshot", "rlhf_recipes.trl_backend", "Rollback.take"),
-    ("TRL step (all)", "rlhf_recipes.trl_backend", "ppo_step"),
-    ("finiteness check", "rlhf_recipes.trl_backend", "step_is_finite"),
+    ("rollback snapshot", "rlhf_recipes.ppo", "Rollback.take"),
+    ("PPO step (all)", "rlhf_recipes.ppo", "ppo_step"),
+    ("finiteness check", "rlhf_recipes.ppo", "step_is_finite"),
     ("logging and display", "rlhf_recipes.loops.training", "record_step"),
     ("checkpoint check", "rlhf_recipes.loops.training", "checkpoint_or_stop"),
 )
-TRL_PHASES = {"time/ppo/forward_pass": "  TRL: policy and reference scoring",
-              "time/ppo/compute_rewards": "  TRL: rewards (KL penalty)",
-              "time/ppo/compute_advantages": "  TRL: advantages",
-              "time/ppo/optimize_step": "  TRL: minibatch updates",
-              "time/ppo/calc_stats": "  TRL: statistics"}
+# the step's own time/ppo/* metrics (TRL 0.11.4's, which rlhf_recipes.ppo keeps), in both loops
+STEP_PHASES = {"time/ppo/forward_pass": "  step: policy and reference scoring",
+               "time/ppo/compute_rewards": "  step: rewards (KL penalty)",
+               "time/ppo/compute_advantages": "  step: advantages",
+               "time/ppo/optimize_step": "  step: minibatch updates",
+               "time/ppo/calc_stats": "  step: statistics"}
 # the order of the table: each phase followed by its parts
 ORDER = [phase for phase, _, _ in PATCHED]
 ORDER[ORDER.index("  cutting"):ORDER.index("  cutting")] = ["  model.generate"]
-ORDER[ORDER.index("TRL step (all)") + 1:ORDER.index("TRL step (all)") + 1] = list(TRL_PHASES.values())
+ORDER[ORDER.index("PPO step (all)") + 1:ORDER.index("PPO step (all)") + 1] = list(STEP_PHASES.values())
 
 
 class Profile:
@@ -62,8 +63,8 @@ def _timed(prof: Profile, phase: str, fn):
         out = fn(*args, **kwargs)
         end = time.perf_counter()
         prof.add(phase, end - t)
-        if phase == "TRL step (all)":
-            for key, name in TRL_PHASES.items():
+        if phase == "PPO step (all)":
+            for key, name in STEP_PHASES.items():
                 prof.add(name, float(out.get(key, 0.0)))
         if phase == "checkpoint check" and prof._open is not None:
             prof._open["wall"] = end - prof._started
@@ -79,9 +80,8 @@ def profiled():
     """A Profile that the PPO loop fills while inside; the functions are restored after."""
     import importlib
 
-    from trl import AutoModelForCausalLMWithValueHead
-
     from rlhf_recipes.loops import session
+    from rlhf_recipes.ppo.value_head import ValueHeadModel
 
     prof = Profile()
     saved = []
@@ -93,9 +93,9 @@ def profiled():
         saved.append((owner, name, getattr(owner, name)))
         setattr(owner, name, _timed(prof, phase, getattr(owner, name)))
     # model.generate itself, and the reward model: called through objects, not module names
-    generate = AutoModelForCausalLMWithValueHead.generate
-    saved.append((AutoModelForCausalLMWithValueHead, "generate", generate))
-    AutoModelForCausalLMWithValueHead.generate = _timed(prof, "  model.generate", generate)
+    generate = ValueHeadModel.generate
+    saved.append((ValueHeadModel, "generate", generate))
+    ValueHeadModel.generate = _timed(prof, "  model.generate", generate)
     load = session.build_reward
     saved.append((session, "build_reward", load))
     session.build_reward = lambda *a, **k: _timed(prof, "reward", load(*a, **k))

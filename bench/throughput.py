@@ -1,5 +1,6 @@
 """PPO step time of rlhf_recipes against the hand-written TRL 0.11.4 loop, as whole-step wall
 time (from one step's prompt selection to the next's) and phase by phase, with the ratios.
+The TRL loops run in a venv with trl==0.11.4 (bench/trl011_venv.sh; common.trl011_python).
 
     python bench/throughput.py --shape tiny --batch 64 --mini-batch 64,16 --steps 10 --warmup 3 --rounds 3
     python bench/throughput.py --shape gpt2-small --batch 64 --mini-batch 64,16 --steps 2 --warmup 1 --rounds 3
@@ -15,7 +16,9 @@ are timed from outside by bench/phases.py, so the code measured is the code user
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -23,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import build_models, table, write_section
-from phases import ORDER, TRL_PHASES, profiled
+from common import build_models, table, trl011_python, write_section
+from phases import ORDER, STEP_PHASES, profiled
 
 
 def recipe_for(paths: dict, args, out: Path, mini_batch: int, extra: tuple[str, ...] = ()):
@@ -92,9 +95,25 @@ def plain(paths: dict, args, mini_batch: int, batched: bool) -> list[dict]:
         t5 = time.perf_counter()
         if step >= args.warmup:
             steps.append({"prompt selection": t1 - t0, "generate (all)": t2 - t1, "decoding": t3 - t2,
-                          "reward": t4 - t3, "TRL step (all)": t5 - t4, "wall": t5 - t0,
-                          **{name: float(stats[key]) for key, name in TRL_PHASES.items()}})
+                          "reward": t4 - t3, "PPO step (all)": t5 - t4, "wall": t5 - t0,
+                          **{name: float(stats[key]) for key, name in STEP_PHASES.items()}})
     return steps
+
+
+def plain_elsewhere(args, mini_batch: int, batched: bool) -> list[dict]:
+    """plain() in the TRL 0.11.4 venv, its steps back as JSON."""
+    python = trl011_python()
+    if python is None:
+        raise SystemExit("the plain TRL loop needs a venv with trl==0.11.4: run bash bench/trl011_venv.sh, "
+                         "or set RLHF_RECIPES_TRL011_PYTHON")
+    argv = [*python, __file__, "--shape", args.shape, "--batch", str(args.batch), "--epochs", str(args.epochs),
+            "--min-tokens", str(args.min_tokens), "--max-tokens", str(args.max_tokens), "--steps", str(args.steps),
+            "--warmup", str(args.warmup), "--plain", "batched" if batched else "per-prompt", "--mini-batch",
+            str(mini_batch)]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the plain TRL loop failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def median(steps: list[dict], phase: str) -> float:
@@ -117,16 +136,20 @@ def main() -> None:
     p.add_argument("--target", type=float, help="the whole-step ratio to meet, for the summary line")
     p.add_argument("--also", action="append", default=[], metavar="OVERRIDE",
                    help="also rlhf_recipes with this override (e.g. ppo.pack_rows=false); repeatable")
+    p.add_argument("--plain", choices=["batched", "per-prompt"], help=argparse.SUPPRESS)  # in the TRL 0.11.4 venv
     args = p.parse_args()
     paths = build_models(args.shape)
+    if args.plain:
+        print(json.dumps(plain(paths, args, int(args.mini_batch), args.plain == "batched")))
+        return
     rows, profiles, ratios = [], {}, []
     for mini in (int(m) for m in args.mini_batch.split(",")):
         loops = {"rlhf_recipes": lambda: ours(paths, args, mini),
-                 "plain TRL, one generate call": lambda: plain(paths, args, mini, True)}
+                 "plain TRL, one generate call": lambda: plain_elsewhere(args, mini, True)}
         for override in args.also:
             loops[f"rlhf_recipes, {override}"] = lambda override=override: ours(paths, args, mini, (override,))
         if args.per_prompt:
-            loops["plain TRL, per prompt"] = lambda: plain(paths, args, mini, False)
+            loops["plain TRL, per prompt"] = lambda: plain_elsewhere(args, mini, False)
         names, runs = list(loops), {name: [] for name in loops}
         # a shared machine drifts within minutes, and a process's first run is slower: each round
         # starts with another loop, so that no loop always goes first
@@ -139,13 +162,13 @@ def main() -> None:
                    if name.startswith("rlhf_recipes")]
         for name, steps in runs.items():
             rows.append([str(mini), name, *(f"{median(steps, k):.3f}" for k in
-                                            ("generate (all)", "reward", "TRL step (all)", "wall")),
+                                            ("generate (all)", "reward", "PPO step (all)", "wall")),
                          f"{median(steps, 'wall') / base:.3f}", f"{statistics.fmean(s['wall'] for s in steps):.3f}"])
         if args.per_prompt:
             rows.append([str(mini), "per prompt / rlhf_recipes", "", "", "", "",
                          f"**{median(runs['plain TRL, per prompt'], 'wall') / mine:.2f}x**", ""])
         profiles[mini] = runs
-    head = ["mini-batch", "loop", "generate", "reward", "TRL step", "whole step", "/ plain", "mean whole step"]
+    head = ["mini-batch", "loop", "generate", "reward", "PPO step", "whole step", "/ plain", "mean whole step"]
     body = (f"Shape {args.shape}, batch {args.batch}, {args.epochs} PPO epochs, responses of {args.min_tokens}-"
             f"{args.max_tokens} tokens; medians of {args.steps} steps after {args.warmup} warm-up"
             + (f", pooled over {args.rounds} rounds, each starting with another loop" if args.rounds > 1 else "")
