@@ -1,6 +1,7 @@
 """The Python API as another project uses it: `from rlhf_recipes import train` is the function,
 and the README's Python examples run as written, from another directory, against a regular
 (non-editable) install in a venv of its own."""
+import json
 import os
 import re
 import shutil
@@ -36,7 +37,33 @@ def test_every_public_name_is_what_it_says_whatever_was_imported_first():
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory):
+def source(tmp_path_factory) -> Path:
+    """A copy of what git would commit: setuptools builds through ROOT/build/lib and never clears
+    it, so modules deleted or moved since an earlier build would ship as well."""
+    source = tmp_path_factory.mktemp("source")
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.splitlines()
+    for name in listed:
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
+    return source
+
+
+def test_installing_beside_a_trl_1_x_keeps_it_and_everything_else(source, tmp_path):
+    """pip's own resolver, asked to install this checkout where TRL 1.x and the rest already are
+    (this test environment): it would install rlhf_recipes alone, and downgrade nothing."""
+    import trl
+
+    assert int(trl.__version__.split(".")[0]) == 1
+    report = tmp_path / "report.json"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--no-build-isolation",
+                    "--report", str(report), str(source)], check=True, timeout=300, cwd=tmp_path)
+    assert [i["metadata"]["name"] for i in json.loads(report.read_text())["install"]] == ["rlhf_recipes"]
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory, source):
     """A venv whose only rlhf_recipes is a regular install of this checkout (built as a wheel
     would be), with the test environment's other packages visible through a .pth file."""
     root = tmp_path_factory.mktemp("venv")
@@ -45,15 +72,6 @@ def installed(tmp_path_factory):
     python = venv / "bin" / "python"
     site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
-    # from a copy of what git would commit: setuptools builds through ROOT/build/lib and never
-    # clears it, so modules deleted or moved since an earlier build would ship as well
-    source = root / "source"
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                            text=True, check=True).stdout.splitlines()
-    for name in listed:
-        if (ROOT / name).is_file():
-            (source / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                     "--target", str(site), str(source)], check=True, timeout=300, cwd=root)
     # the dependencies, from this environment; a .pth line adds a directory but runs none of its
