@@ -10,13 +10,10 @@ import logging
 import warnings
 
 _WARNINGS = [  # (message regex, category, module regex)
-    (r"`PPOConfig` is deprecated", FutureWarning, r"trl\."),
-    (r"`PPOTrainer` is deprecated", FutureWarning, r"trl\."),
-    (r"No dataset is provided", UserWarning, r"trl\."),  # we feed batches ourselves
     (r"fan_in_fan_out is set to False but the target module is `Conv1D`", UserWarning, r"peft\."),
     (r"`torch\.jit\.script_method` is deprecated", DeprecationWarning, r"torch\."),
-    # TRL 0.11.4's SFT and reward trainers pass `tokenizer=` on to transformers, which renamed it
-    (r"`tokenizer` is deprecated and will be removed in version 5\.0\.0", FutureWarning, r"trl\."),
+    # PEFT 0.22 on transformers 4.57, a stack this package supports on purpose
+    (r"Support for Transformers < 5\.6 is deprecated in PEFT", FutureWarning, r"peft\."),
     # TRL's reward collator pads to the longest pair with a max_length it does not need
     (r"`max_length` is ignored when `padding`=`True`", UserWarning, r"transformers\."),
     # transformers 5.x: PEFT still asks for the old name
