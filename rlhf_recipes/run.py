@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         from .loops.training import train
 
         train(recipe, resume=args.resume)
+        distributed.shutdown()
     except RecipeError as err:
         print(f"{_who()}error: {err}", file=sys.stderr)
         return 2
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         from .runtime import distributed
 
         distributed.barrier()  # before any process exits, which would end the others' launch
+        distributed.shutdown()
         return stop.exit_code
     except KeyboardInterrupt:
         print(f"error: interrupted; the newest checkpoint, if any, resumes with: {resume_command(argv)}",

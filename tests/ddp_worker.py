@@ -23,3 +23,4 @@ if __name__ == "__main__":
     save_file({n: p.detach().cpu().contiguous() for n, p in result.policy.named_parameters() if p.requires_grad},
               dump / f"rank-{rank}.safetensors")
     (dump / f"rank-{rank}.json").write_text(json.dumps(sorted({str(p.device) for p in result.policy.parameters()})))
+    distributed.shutdown()

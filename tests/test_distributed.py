@@ -313,6 +313,23 @@ def test_dpo_resumed_on_two_processes_continues_the_run_exactly(dpo_run, tmp_pat
     assert timeless(metrics(out)) == timeless(metrics(uninterrupted))
 
 
+def test_dpo_on_two_processes_makes_one_processs_update_over_two_passes(tiny_dir, prefs, tmp_path):
+    """Each process's share of a batch is the rows one process takes in one of two accumulation
+    passes, so the runs agree to float rounding (the all-reduce sums in another order)."""
+    from test_dpo import recipe_file
+
+    path = recipe_file(tmp_path, tiny_dir, prefs)
+    two, one = tmp_path / "two", tmp_path / "one"
+    launch("-m", "rlhf_recipes.run", path, "run.steps=3", f"run.output_dir={two}")
+    assert main([path, "run.steps=3", "dpo.gradient_accumulation_steps=2", f"run.output_dir={one}"]) == 0
+    a, b = (load_file(d / "model" / "adapter_model.safetensors") for d in (two, one))
+    assert a.keys() == b.keys() and any(bool(v.abs().sum()) for k, v in a.items() if "lora_B" in k)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
+    for x, y in zip(metrics(two), metrics(one)):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["rewards/margins"] == pytest.approx(
+            y["rewards/margins"], rel=1e-4, abs=1e-6)
+
+
 def test_a_dpo_batch_that_processes_cannot_share_equally_is_refused(tmp_path):
     done = launch("-m", "rlhf_recipes.run", "quickstart_dpo", "dpo.batch_size=6", "dpo.gradient_accumulation_steps=2",
                   f"run.output_dir={tmp_path / 'run'}", succeeds=False)

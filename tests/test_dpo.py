@@ -207,11 +207,15 @@ def test_dpo_gradient_checkpointing_recomputes_the_blocks_and_changes_no_number(
         policy = build_policy(Policy(model=str(tiny_dir / "gpt2"), lora_r=4, lora_alpha=8), torch.device("cpu"))
         trainer = trl_backend.make_dpo_trainer(cfg, policy.pretrained_model, tokenizer, rows, [], 2, 0,
                                                tmp_path / str(checkpointing), checkpointing)
+        embeddings = policy.pretrained_model.get_input_embeddings()
+        hooks = len(embeddings._forward_hooks)
         saved = []  # what autograd keeps for the backward pass outside checkpointed blocks, in elements
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
             for _ in range(2):  # the second update starts from moved adapters: a non-zero gradient everywhere
                 stats = trl_backend.dpo_update(trainer, [trainer.train_dataset[i] for i in range(2)])
         calls[checkpointing] = sum(saved)
+        # TRL's reference pass toggles checkpointing, and transformers would add a hook each time
+        assert len(embeddings._forward_hooks) == hooks
         results[checkpointing] = (stats, {n: p.detach().clone() for n, p in policy.named_parameters()
                                           if p.requires_grad})
     assert calls[True] < 0.7 * calls[False]  # the blocks' activations are recomputed, not kept

@@ -44,7 +44,7 @@ def test_response_mask_is_trls_without_the_loop(side):
     mask = token_scores.response_mask(attention, torch.tensor([len(q) for q in queries]),
                                       torch.tensor([len(r) for r in responses]))
     assert mask.dtype == attention.dtype and torch.equal(mask, trl_masks(attention, queries, responses))
-    assert torch.equal(token_scores.last_positions(mask), torch.tensor([int(m.nonzero()[-1]) for m in mask]))
+    assert torch.equal(maths.last_positions(mask), torch.tensor([int(m.nonzero()[-1]) for m in mask]))
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +176,19 @@ def test_a_step_gives_the_padded_passs_statistics_and_weights_to_the_last_bits(r
     assert ours.keys() == theirs.keys()
     assert all(ours[k] == pytest.approx(theirs[k], rel=1e-4, abs=1e-7) for k in theirs)
     assert all(torch.allclose(our_params[n], their_params[n], rtol=1e-4, atol=1e-5) for n in their_params)
+
+
+def test_a_step_takes_exactly_a_batch_and_the_full_penalty_pads_every_pass(recipe):
+    torch.manual_seed(0)
+    trainer = ppo.make_trainer(recipe, build_policy(recipe.policy, CPU), load_tokenizer("p", recipe.policy.model))
+    queries, responses = ragged(8)
+    with pytest.raises(ValueError, match="a PPO step takes ppo.batch_size=8 queries, responses and scores, got 7"):
+        ppo.ppo_step(trainer, queries[:7], responses[:7], [0.0] * 7)
+    assert trainer.responses_only
+    full = dataclasses.replace(recipe, ppo=dataclasses.replace(recipe.ppo, kl_penalty="full"))
+    trainer = ppo.make_trainer(full, build_policy(recipe.policy, CPU), load_tokenizer("p", recipe.policy.model))
+    assert not trainer.responses_only  # every logit is needed, in the gradient pass too
+    assert ppo.ppo_step(trainer, queries, responses, [float(i) for i in range(8)])["objective/kl"] == 0.0
 
 
 def test_rewards_for_the_batch_at_once_are_trls_row_by_row():

@@ -83,5 +83,5 @@ def no_progress_bars():
 def drop_static_cache(model) -> None:
     """transformers 4.57 keeps the static KV cache of a compiled generate on the model (`_cache`,
     reused by the next call), holding its memory through the PPO update that follows; 5.x makes
-    one per call and keeps none. model: the transformers model inside PEFT's and TRL's wrappers."""
+    one per call and keeps none. model: the transformers model inside PEFT's and the value-head wrappers."""
     model.__dict__.pop("_cache", None)

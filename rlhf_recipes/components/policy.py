@@ -28,7 +28,7 @@ def load_tokenizer(key: str, name: str, trust_remote_code: bool = False):
         if tok.eos_token is None:
             raise RecipeError(f"{key}: tokenizer of {name!r} has neither a pad nor an eos token; add one")
         tok.pad_token = tok.eos_token  # masked out by the attention mask, so its identity does not matter
-    # TRL's collator pads query+response with this side and passes no position ids: right
+    # PPO's scoring pads query+response on this side and passes no position ids: right
     # padding keeps every token at the position it was sampled at. (Generation pads prompts
     # on the left itself, in rollout.pad_batch.)
     tok.padding_side = "right"
@@ -71,7 +71,7 @@ def build_policy(cfg: Policy, device: torch.device):
         # A CPU process's device is cpu:RANK, which transformers would read as GPU number RANK
         device_map={"": "cpu" if device.type == "cpu" else device} if quant else None)
     if quant:
-        # gradient checkpointing is the PPO section's choice; TRL switches it on there
+        # gradient checkpointing is the PPO section's choice; the PPO trainer switches it on
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
         for module in base.modules():
             if hasattr(module, "support_avx512bf16_for_cpu"):

@@ -72,7 +72,7 @@ def compiles(model) -> bool:
 
 
 def _base(model):
-    """The transformers model inside TRL's value-head wrapper and PEFT's."""
+    """The transformers model inside the value-head wrapper and PEFT's."""
     inner = getattr(model, "pretrained_model", model)
     return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
@@ -108,7 +108,7 @@ def generate(model, tokenizer, queries: list[torch.Tensor], lengths: list[int], 
     """One response per query, `lengths[i]` tokens at most, in batches of gen.batch_size;
     `done(n)`, if given, is told after each batch how many queries it held.
 
-    Sampling is in eval mode: TRL leaves the model training, and in train mode dropout is
+    Sampling is in eval mode: the PPO step leaves the model training, and in train mode dropout is
     live and gradient checkpointing drops the KV cache, so each token would see one token.
     """
     chunk = gen.batch_size or len(queries)
@@ -132,7 +132,7 @@ def generate(model, tokenizer, queries: list[torch.Tensor], lengths: list[int], 
                                      generation_config=config)
             if compiled:
                 compat.drop_static_cache(_base(model))
-            # a decoder's output from its start token, which stays (TRL reads it as given); a causal
+            # a decoder's output from its start token, which stays (PPO scores it as given); a causal
             # LM's continuation after the prompt
             new = out.cpu() if encoder_decoder else out[:, ids.shape[1]:].cpu()
             responses.extend(cut_response(row, n, tokenizer.eos_token_id, keep=int(encoder_decoder))

@@ -1,7 +1,7 @@
 """The maths of PPO's scoring passes over query + response, restricted to the response tokens.
 
-TRL's step runs the LM head and a softmax over the whole vocabulary at every position of
-every query + response (prompt and padding included), then masks all but the response
+TRL 0.11.4's step ran the LM head and a softmax over the whole vocabulary at every position of
+every query + response (prompt and padding included), then masked all but the response
 out. On a GPT-2-sized model with prompts of a few tokens, skipping that made the minibatch
 updates 12% (mini-batch 16) to 31% (64) cheaper. The functions here give the same numbers
 from the last hidden state at the response positions only; rlhf_recipes.ppo.scoring uses them where it has checked that the model's
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 
 def response_mask(attention_mask: torch.Tensor, query_lens: torch.Tensor, response_lens: torch.Tensor) -> torch.Tensor:
-    """Which next-token predictions score a response token: TRL's masks, without its per-row loop.
+    """Which next-token predictions score a response token: TRL 0.11.4's masks, without its per-row loop.
 
     attention_mask: (b, L), each row's tokens contiguous, padded on either side;
     query_lens, response_lens: (b,) -> (b, L - 1) of attention_mask's dtype, 1 at [j, t] where
@@ -26,25 +26,10 @@ def response_mask(attention_mask: torch.Tensor, query_lens: torch.Tensor, respon
     return ((t >= start[:, None]) & (t < (start + response_lens)[:, None])).to(attention_mask.dtype)
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """logits: (n, V), labels: (n,) -> (n,): each label's log-probability (trl.core.logprobs_from_logits, row by row)."""
-    return torch.gather(F.log_softmax(logits, dim=-1), 1, labels[:, None]).squeeze(1)
-
-
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """logits: (n, V) -> (n,): each distribution's entropy, by trl.core.entropy_from_logits' formula."""
-    return torch.logsumexp(logits, dim=-1) - torch.sum(F.softmax(logits, dim=-1) * logits, dim=-1)
-
-
 def scatter(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """values: (n,), one per nonzero of mask (b, L - 1), in row-major order -> (b, L - 1), 0 elsewhere."""
     out = values.new_zeros(mask.shape)
     return out.masked_scatter(mask.bool(), values)
-
-
-def last_positions(mask: torch.Tensor) -> torch.Tensor:
-    """mask: (b, T), every row with a nonzero -> (b,): the index of each row's last nonzero."""
-    return mask.shape[1] - 1 - mask.flip(1).argmax(dim=1)
 
 
 def widen(x: torch.Tensor, width: int) -> torch.Tensor:

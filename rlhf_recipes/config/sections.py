@@ -37,7 +37,7 @@ class Policy(Section):
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
-    """Must be 0: TRL scores the old log-probs and the KL without dropout, and a live dropout in
+    """Must be 0: PPO scores the old log-probs and the KL without dropout, and a live dropout in
     the gradient pass would make the PPO ratio compare two different functions."""
     lora_target_modules: Optional[tuple[str, ...]] = None
     """Module names to adapt; none means PEFT's default for the architecture."""
@@ -194,8 +194,8 @@ class PPO(Section):
     vf_coef: float
     entropy_coef: float = 0.0
     """c2 in L = L_clip + vf_coef * L_value - c2 * H: a bonus for the mean token entropy of the
-    responses, which keeps the policy from collapsing onto a few phrasings (not in TRL: added
-    by rlhf_recipes, logged as ppo/loss/entropy). 0 is TRL's objective."""
+    responses, which keeps the policy from collapsing onto a few phrasings (not in TRL 0.11.4:
+    added by rlhf_recipes, logged as ppo/loss/entropy). 0 is TRL 0.11.4's objective."""
     gradient_accumulation_steps: int = 1
     kl_penalty: Literal["kl", "abs", "mse", "full"] = "kl"
     max_grad_norm: Optional[float] = None
@@ -209,7 +209,7 @@ class PPO(Section):
     gradient_checkpointing: bool = False
     length_buckets: int = 1
     """Each scoring and minibatch pass runs as this many forward passes over rows of similar
-    length, each padded only to its own longest (not in TRL: added by rlhf_recipes). 1 is TRL's
+    length, each padded only to its own longest (not in TRL 0.11.4: added by rlhf_recipes). 1 is TRL's
     one pass padded to the longest. More pays off where compute, not the number of calls,
     limits a pass: on a 2-core CPU, 2 made GPT-2 small's step 25% faster with mini-batch 64,
     2% with 16, and the tiny shape's 28% slower with 16 (bench/RESULTS.md). It changes the
@@ -222,9 +222,9 @@ class PPO(Section):
     16, the tiny shape's 4-6% (bench/RESULTS.md). Used only where a start-up check finds that
     the model keeps packed rows apart (transformers' packed-sequence masks, from the position
     ids: GPT-2, GPT-NeoX, Llama and most others; GPT-Neo on transformers 5); otherwise, and for
-    encoder-decoders, the run pads as TRL does. The log-probs move in their last bits (about 1e-6, as kernels differ with the
+    encoder-decoders, the run pads as TRL 0.11.4 did. The log-probs move in their last bits (about 1e-6, as kernels differ with the
     shapes), the policy's and the reference's alike: the KL is still exactly 0 before the first
-    update, and a seed still gives the same run. false gives TRL's scoring passes bit for bit."""
+    update, and a seed still gives the same run. false gives TRL 0.11.4's scoring passes bit for bit."""
 
     def check(self) -> None:
         _positive(self, "learning_rate", "batch_size", "mini_batch_size", "ppo_epochs", "length_buckets",
@@ -247,7 +247,7 @@ class PPO(Section):
     def kl_coef_reach(self, steps: int, processes: int = 1) -> float:
         """The largest factor by which adaptive KL can move the coefficient over `steps` steps.
 
-        TRL's controller multiplies it by 1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon a
+        The controller (TRL 0.11.4's) multiplies it by 1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon a
         step, n the samples of the step (all processes'): at most (1 + 0.2 n / horizon) ** steps
         up, and as far down. 1.0 with a fixed coefficient.
         """

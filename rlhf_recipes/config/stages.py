@@ -128,9 +128,9 @@ class DPO(Section):
     """Weight of an SFT term on the chosen answers (RPO; TRL 1.x's "sft" loss term beside
     loss_type); none leaves it out."""
     gradient_accumulation_steps: int = 1
-    """Split each batch into this many passes, for memory. The update is the same for the losses
-    that treat pairs one by one; aot and aot_pair sort, and rpo_alpha's SFT
-    term takes a token mean within each pass."""
+    """Split each batch into this many passes, for memory (each process's share of it, under
+    accelerate launch). The update is the same for the losses that treat pairs one by one; aot
+    and aot_pair sort, and rpo_alpha's SFT term takes a token mean, within each pass."""
     max_grad_norm: Optional[float] = 1.0
     lr_scheduler: Literal["constant", "linear", "cosine"] = "linear"
     warmup_ratio: float = 0.1

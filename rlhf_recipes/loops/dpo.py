@@ -55,7 +55,8 @@ def total_steps(cfg: DPO, pairs: int, cap: int | None) -> int:
 
 def pair_metrics(trainer, batch_size: int) -> dict[str, float]:
     """TRL's DPO metrics and loss on the held-out pairs (trainer.eval_dataset), averaged over pairs,
-    `batch_size` at a time (a training pass's: scoring keeps whole logits, as training does)."""
+    `batch_size` at a time (a training pass's: scoring keeps whole logits, as training does).
+    Every process scores them all, alike: TRL gathers its metrics across processes."""
     rows = trainer.eval_dataset
     if rows is None:
         return {}
@@ -105,7 +106,7 @@ def train_dpo(recipe: Recipe, resume: bool = False) -> TrainResult:
     def evaluate_now(step: int, check: bool = False) -> dict:
         record = started.held_out(step, check)  # the recipe's reward and KL of samples, as for PPO,
         # and DPO's own metrics on its held-out pairs
-        record["heldout_pairs"] = pair_metrics(trainer, cfg.batch_size // cfg.gradient_accumulation_steps)
+        record["heldout_pairs"] = pair_metrics(trainer, cfg.batch_size // (processes * cfg.gradient_accumulation_steps))
         return record
 
     evaluation, records, start, skipped, bad_in_row = start_records(

@@ -36,7 +36,7 @@ class TrainResult:
     evaluation: dict
     """What eval.json holds: the held-out evaluation before, during and after training."""
     policy: object
-    """The trained policy (TRL's value-head wrapper around the PEFT model), on this process's device."""
+    """The trained policy (the value-head wrapper around the PEFT model), on this process's device."""
 
 
 @dataclass

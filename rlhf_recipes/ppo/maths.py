@@ -23,13 +23,13 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """x, mask: (b, T) -> scalar: the variance of x where mask is 1, with Bessel's correction."""
+    """x, mask: (b, T) -> scalar: the variance of x where mask is 1, with Bessel's correction (NaN
+    for a single scored token, as in TRL: the step's finiteness check then skips the batch)."""
     variance = masked_mean((x - masked_mean(x, mask)) ** 2, mask)
     if unbiased:
         n = mask.sum()
-        if n < 2:
-            raise ValueError(f"a masked variance needs at least two scored tokens, got {int(n)}: "
-                             "lengthen the responses or enlarge ppo.mini_batch_size")
+        if n == 0:
+            raise ValueError("a masked variance over no scored token: every response needs at least one")
         variance = variance * (n / (n - 1))
     return variance
 

@@ -95,8 +95,9 @@ def mask_of(batch: Batch, encoder_decoder: bool) -> torch.Tensor:
     """(b, L - 1): 1 where position t predicts a response token. An encoder-decoder's response is
     scored from its first generated token on (TRL 0.11.4 left that token out: on the seq2seq
     quickstart it carried most of the KL, which the controller then never saw)."""
-    if encoder_decoder:
-        return batch.inputs["decoder_attention_mask"][:, 1:]
+    if encoder_decoder:  # position t (a real token) predicts the real token t + 1
+        decoder = batch.inputs["decoder_attention_mask"]
+        return decoder[:, 1:] * decoder[:, :-1]
     return token_scores.response_mask(batch.inputs["attention_mask"], batch.query_lens, batch.response_lens)
 
 

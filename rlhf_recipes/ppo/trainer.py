@@ -86,6 +86,9 @@ class PPOTrainer:
         """One PPO update on this process's ppo.batch_size samples -> TRL 0.11.4's scalar
         statistics (objective/kl, ppo/loss/total, ...), averaged over processes."""
         cfg, model, t0 = self.config, self.model, time.time()
+        if not len(queries) == len(responses) == len(scores) == cfg.batch_size:
+            raise ValueError(f"a PPO step takes ppo.batch_size={cfg.batch_size} queries, responses and scores, "
+                             f"got {len(queries)}, {len(responses)} and {len(scores)}")
         timing = {}
         # 1. the scores: scaled by the running moments of every score so far, then clipped
         scores = torch.tensor(scores, dtype=torch.float32, device=self.accelerator.device)
@@ -242,7 +245,8 @@ def build_trainer(cfg: PPO, model, tokenizer, seed: int = 0, deepspeed=None) -> 
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
     prepared, optimizer = accelerator.prepare(model, optimizer)
     # every process passes the same way, even where one's kernels answered a probe otherwise
-    responses_only = not distributed.any_process(not logits_from_last_hidden(model))
+    # the full-distribution penalty needs every logit: its passes all pad, the gradient one too
+    responses_only = cfg.kl_penalty != "full" and not distributed.any_process(not logits_from_last_hidden(model))
     pack_rows = cfg.pack_rows and responses_only and not distributed.any_process(not packs_rows(model))
     text = model.pretrained_model.config.get_text_config()
     # attention over a packed row of C tokens costs about C / 6d of the linear layers' time at

@@ -70,7 +70,7 @@ def check_model(policy) -> tuple[dict, object, object]:
     if is_encoder_decoder(policy):
         raise RecipeError("interpret: encoder-decoder policies (T5, BART) are not supported; it reads one "
                           "causal residual stream")
-    peft = getattr(policy, "pretrained_model", policy)  # TRL's value-head wrapper, or the PeftModel itself
+    peft = getattr(policy, "pretrained_model", policy)  # the value-head wrapper, or the PeftModel itself
     if not hasattr(peft, "disable_adapter"):
         raise RecipeError("interpret: the policy has no PEFT adapters, so no reference (its adapters off) to compare")
     base = peft.get_base_model()

@@ -7,6 +7,7 @@ so single-process runs pay nothing for it.
 """
 from __future__ import annotations
 
+import functools
 import os
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -86,11 +87,21 @@ def average(tensors: list[torch.Tensor]) -> None:
     processes = init().num_processes
     if processes == 1 or not tensors:
         return
-    flat = torch.cat([t.detach().reshape(-1).to(init().device, torch.float32) for t in tensors])
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    flat = torch.cat([t.detach().reshape(-1).to(init().device, dtype) for t in tensors])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= processes
     for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
         t.copy_(part.view_as(t))
+
+
+def shutdown() -> None:
+    """Leave the process group at the end of a launched run, all processes together: torch
+    otherwise tears its communication threads down at interpreter exit, where one could abort
+    ("terminate called without an active exception") after the run itself had finished."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def barrier() -> None:
@@ -102,7 +113,7 @@ def deepspeed_plugin(ppo) -> DeepSpeedPlugin | None:
     """None unless launched with DeepSpeed; then its plugin, with the recipe's PPO section
     filling what the config leaves "auto" and refusing what contradicts it.
 
-    TRL's PPOTrainer hands DeepSpeed no dataloader, so DeepSpeed cannot infer its micro
+    The PPO trainer hands DeepSpeed no dataloader, so DeepSpeed cannot infer its micro
     batch; and under DeepSpeed clipping is DeepSpeed's gradient_clipping, not
     ppo.max_grad_norm. ZeRO-3 and FSDP are refused: they partition the weights, but each
     process samples with the whole policy every step (and the main one evaluates alone).

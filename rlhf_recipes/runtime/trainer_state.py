@@ -23,7 +23,7 @@ def trainer_state(trainer, all_processes: bool = False) -> dict:
     DeepSpeed's optimizer holds only this process's share of the state: all_processes
     gathers every process's share (a list in rank order), for a checkpoint.
     """
-    running = getattr(trainer, "running", None)  # PPO's reward moments (DPO's bco_pair loss has its own)
+    running = getattr(trainer, "running", None)  # PPO's reward moments (DPO has none)
     gather = all_processes and _sharded(trainer)  # on the CPU: unpickled, a tensor returns to the device it left
     optimizer = _plain(trainer.optimizer.state_dict(), torch.device("cpu") if gather else None)
     if gather:

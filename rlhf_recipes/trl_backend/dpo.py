@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import trl.trainer.dpo_trainer
 from trl import DPOConfig, DPOTrainer
 from trl.data_utils import common_prefix_length
 
@@ -15,6 +16,21 @@ from ..config.sections import DPO, RecipeError
 from ..runtime import distributed
 
 RENAMED = {"aot_pair": "aot_unpaired"}  # TRL 0.11.4's name -> TRL 1.x's, the same loss
+_TOGGLE = trl.trainer.dpo_trainer.disable_gradient_checkpointing
+
+
+def _checkpointing_kept_for_the_reference(model, gradient_checkpointing_kwargs=None):
+    """TRL's DPO turns checkpointing off for each reference pass and on again after, to spare the
+    reentrant kind a warning under no_grad. Each time, transformers registers its input-gradient
+    hook anew without removing the last: one more hook on the embeddings per loss call, run by
+    every later forward pass, sampling included. The non-reentrant kind (ours) under no_grad just
+    runs the forward: there is nothing to turn off."""
+    if (gradient_checkpointing_kwargs or {}).get("use_reentrant") is False:
+        return contextlib.nullcontext()
+    return _TOGGLE(model, gradient_checkpointing_kwargs)
+
+
+trl.trainer.dpo_trainer.disable_gradient_checkpointing = _checkpointing_kept_for_the_reference
 
 
 def losses(cfg: DPO) -> tuple[list[str], list[float]]:
@@ -143,7 +159,10 @@ def dpo_update(trainer: DPOTrainer, rows: list[dict]) -> dict[str, float] | None
         for k, v in {"loss": float(loss.detach()), **metrics}.items():
             totals[k] = totals.get(k, 0.0) + v / passes
     # as DDP would: every process steps with the mean gradient, and so stays an identical copy
-    distributed.average([p.grad for p in params if p.grad is not None])
+    for p in params:
+        if p.grad is None:  # the same tensors on every process, whatever this share's loss touched
+            p.grad = torch.zeros_like(p)
+    distributed.average([p.grad for p in params])
     keys = sorted(totals)
     means = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
     distributed.average([means])

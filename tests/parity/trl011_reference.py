@@ -12,10 +12,12 @@ trainable weights after each step.
 With no argument it rewrites the recorded copy beside it (trl011_reference.pt), which the test
 uses where no such venv is at hand.
 
-Two changes to TRL are applied, the ones rlhf_recipes' PPO makes on purpose:
+Three changes to TRL are applied, the ones rlhf_recipes' PPO makes on purpose:
 - an encoder-decoder's first generated token is scored (TRL's mask starts a token later);
 - use_score_scaling runs: TRL 0.11.4 keeps its running std as a float and calls .to() on it, so
-  every such step fails; here the std and mean become tensors at that call, its intended maths.
+  every such step fails; here that float converts as a tensor would at that call, its intended maths;
+- max_grad_norm clips every minibatch: TRL keeps the trainable parameters in a one-shot filter(),
+  which clips the first minibatch of a run and none after it.
 """
 from __future__ import annotations
 
@@ -109,10 +111,18 @@ def inputs(arch: str, step: int) -> dict:
     return {"queries": queries, "responses": responses, "scores": scores}
 
 
+class _Moment(float):
+    """TRL's running mean or std: the float it keeps, which also converts as a tensor would, for
+    step()'s .to() on it."""
+
+    def to(self, **kwargs) -> torch.Tensor:
+        return torch.tensor(float(self), **kwargs)
+
+
 def _tensor_moments(update):
     def patched(self, xs):
         out = update(self, xs)
-        self.mean, self.std = torch.tensor(self.mean, dtype=torch.float64), torch.tensor(self.std, dtype=torch.float64)
+        self.mean, self.std = _Moment(self.mean), _Moment(self.std)
         return out
     return patched
 
