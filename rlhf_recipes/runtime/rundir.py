@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from ..components.compat import no_progress_bars
-from ..config.sections import Recipe, RecipeError
+from ..config.sections import SECTIONS, Recipe, RecipeError
 
 RECIPE, METRICS, MODEL, VALUE_HEAD = "recipe.json", "metrics.jsonl", "model", "value_head.safetensors"
 HELDOUT, EVAL, REPORT, STAGES = "heldout.jsonl", "eval.json", "report.md", "stages"
@@ -63,9 +64,20 @@ def check_same_recipe(out: Path, recipe: Recipe) -> None:
                           "so start a new run in another directory") from None
     now = _dotted(recipe.to_dict())
     for key in sorted(set(saved) | set(now)):
+        if key not in saved and _added_since(key, saved, now[key]):
+            continue
         if saved.get(key) != now.get(key) and key not in RESUMABLE_CHANGES:
             raise RecipeError(f"--resume: {key} is {now.get(key)!r} but the run in {str(out)!r} used "
                               f"{saved.get(key)!r}; resume with the same recipe and overrides")
+
+
+def _added_since(key: str, saved: dict, value) -> bool:
+    """Whether `key` is a field that a later release added to a section the saved run has, and is
+    at its default, which keeps what the run did before (dpo.gradient_checkpointing=false)."""
+    section, _, name = key.partition(".")
+    fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])} if section in SECTIONS else {}
+    had_section = any(k.startswith(section + ".") for k in saved)
+    return had_section and name in fields and fields[name].default == value
 
 
 def _dotted(recipe: dict) -> dict:
