@@ -8,10 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv-trl011
 .venv-trl011/bin/pip install -q torch==2.13.0
+# rich: TRL 0.11.4 imports it without declaring it
 .venv-trl011/bin/pip install -q trl==0.11.4 transformers==4.57.6 huggingface-hub==0.36.2 datasets==5.0.1 \
-  tokenizers==0.22.2 "peft>=0.21" "accelerate>=1.15"
+  tokenizers==0.22.2 "peft>=0.21" "accelerate>=1.15" "rich>=13"
 if [[ "${1:-}" != "--reference-only" ]]; then
-  .venv-trl011/bin/pip install -q "bitsandbytes>=0.50" "evaluate>=0.4.6" "matplotlib>=3.8" "rich>=13"
+  .venv-trl011/bin/pip install -q "bitsandbytes>=0.50" "evaluate>=0.4.6" "matplotlib>=3.8"
   .venv-trl011/bin/pip install -q --no-deps -e .
 fi
 echo ".venv-trl011: $(.venv-trl011/bin/python -c 'import trl, transformers; print("trl", trl.__version__, "transformers", transformers.__version__)')"
