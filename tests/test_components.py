@@ -174,7 +174,7 @@ def test_heldout_prompts_are_never_trained_on(tiny_dir, tmp_path):
 
 def test_sampling_ignores_model_defaults_and_training_mode(tiny_dir):
     """Regression: the model's generation_config must not leak in, and generation must run in
-    eval mode (TRL leaves the model training; with gradient checkpointing that drops the cache)."""
+    eval mode (the PPO step leaves the model training; with gradient checkpointing that drops the cache)."""
     from rlhf_recipes import Generation
     from rlhf_recipes.components.rollout import generate
 
@@ -187,7 +187,7 @@ def test_sampling_ignores_model_defaults_and_training_mode(tiny_dir):
     policy.pretrained_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.train()
     assert [r.tolist() for r in generate(policy, tok, queries, [6] * 3, greedy, CPU)] == expected
-    assert policy.training  # restored for TRL
+    assert policy.training  # restored for the PPO step
     policy.pretrained_model.generation_config.suppress_tokens = [t for t in range(len(tok)) if t != 7]
     torch.manual_seed(0)
     sampled = generate(policy, tok, queries * 4, [8] * 12, Generation(response_min_tokens=8, response_max_tokens=8), CPU)

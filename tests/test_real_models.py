@@ -1,6 +1,6 @@
 """What tiny default fixtures never trigger and real models do: each test builds a fixture that
 triggers it (a prompt cut inside a character, a pad id the config disagrees with, token types,
-a RoBERTa without a length limit, BOS tokens, TRL switching modes inside its step)."""
+a RoBERTa without a length limit, BOS tokens, the PPO step switching modes inside it)."""
 import dataclasses
 import warnings
 

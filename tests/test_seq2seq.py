@@ -38,7 +38,7 @@ def test_responses_keep_the_start_token_and_are_cut_from_the_right(tiny_dir, mon
     raw = []
     original = policy.generate
     monkeypatch.setattr(policy, "generate", lambda **kw: raw.append(original(**kw)) or raw[-1])
-    # an EOS-heavy model: some responses are start + </s>, which TRL alone could not score
+    # an EOS-heavy model: some responses are start + </s>, which TRL 0.11.4 alone could not score
     def eos_heavy(module, inputs, logits):  # every other prompt's response ends at once
         logits[::2, ..., tok.eos_token_id] += 1e4
         return logits
