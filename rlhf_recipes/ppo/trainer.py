@@ -42,6 +42,7 @@ class PPOTrainer:
     checkpointing: bool = False
     running: maths.RunningMoments = dataclasses.field(default_factory=maths.RunningMoments)
     lr_scheduler: object = None
+    """Always None (recipes have no schedule); kept for the checkpoint code PPO shares with DPO."""
     model_params: list = dataclasses.field(default_factory=list)
     rollout: dict = dataclasses.field(default_factory=dict)
     """The last step's scored rollout (mask, logprobs, ref_logprobs, values, advantages, returns,
@@ -149,8 +150,6 @@ class PPOTrainer:
         stats["ppo/learning_rate"] = self.optimizer.param_groups[0]["lr"]
         self.kl_ctl.update(stats["objective/kl"], cfg.batch_size * self.accelerator.num_processes)
         timing["time/ppo/total"] = time.time() - t0
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.step()
         return stats | timing
 
     def _minibatch(self, batch: Batch, old: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
