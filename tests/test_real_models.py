@@ -152,8 +152,16 @@ def test_a_controller_that_cannot_act_is_warned_about(tiny_dir, tmp_path, capsys
 def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch, tiny_dir, tmp_path):
     from rlhf_recipes import RecipeError
 
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    # below torch.cuda.is_bf16_supported: a T4 (compute capability 7.5) that emulates bf16, which
+    # the function's default (including_emulation=True) counts as support
+    props = type("Props", (), {"major": 7, "minor": 5})()
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    assert torch.cuda.is_bf16_supported()  # emulated: what the guard used to accept
     recipe = recipe_for(tiny_dir, tmp_path, "policy.dtype=bfloat16")
     with pytest.raises(RecipeError, match="Tesla T4 has none; use policy.dtype=float32"):
         startup.check_device(recipe, torch.device("cuda"))

@@ -47,7 +47,10 @@ def notices(recipe: Recipe, processes: int, device: torch.device) -> list[tuple[
 
 def check_device(recipe: Recipe, device: torch.device) -> None:
     """Refuse a dtype the device cannot compute in, with what to use instead."""
-    if device.type == "cuda" and recipe.policy.dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+    # including_emulation=False: by default torch counts a GPU that only emulates bf16 (T4, V100,
+    # RTX 20xx) as supporting it, and the run would be accepted and crawl
+    if (device.type == "cuda" and recipe.policy.dtype == "bfloat16"
+            and not torch.cuda.is_bf16_supported(including_emulation=False)):
         name = torch.cuda.get_device_name(device)
         fix = ("policy.dtype=float16 with policy.quantization=8bit or 4bit" if recipe.policy.quantization != "none"
                else "policy.dtype=float32")
