@@ -1,11 +1,13 @@
 """A standalone model from a finished run: LoRA folded into the base, ready for
-`AutoModelForCausalLM.from_pretrained` and `transformers.pipeline`.
+`AutoModelForCausalLM.from_pretrained` (or `AutoModelForSeq2SeqLM`, for an encoder-decoder policy)
+and `transformers.pipeline`.
 
     python -m rlhf_recipes.export RUN_DIR OUT_DIR [--dtype float32|bfloat16|float16]
 
 An 8-bit or 4-bit base is dequantized (the weights the adapter was trained on, not the original
 full-precision ones) and the adapter merged into that, in the dtype asked for. The value head is
-left out: it is for PPO, not for generating. The generation config is the recipe's plain sampling.
+left out: it is for PPO, not for generating. The generation config is the recipe's plain sampling,
+ending at the model's own end tokens (and, for BART, starting with its forced BOS).
 """
 from __future__ import annotations
 
@@ -15,12 +17,13 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+from .components import seq2seq
 from .components.loading import load_pretrained
-from .components.policy import DTYPES, load_tokenizer, quantization_config
+from .components.policy import DTYPES, load_config, load_tokenizer, quantization_config
 from .components.rollout import sampling_config
-from .config.sections import RecipeError
+from .config.sections import Policy, RecipeError
 from .cli import OneLineParser
 from .runtime.rundir import MODEL, RECIPE, atomic_dir
 
@@ -42,7 +45,8 @@ def export(run_dir: str | Path, out_dir: str | Path, dtype: str | None = None) -
     policy = recipe.policy
     dtype = dtype or policy.dtype
     quant = quantization_config(policy)
-    base = load_pretrained("policy.model", AutoModelForCausalLM.from_pretrained, policy.model,
+    auto = AutoModelForSeq2SeqLM if seq2seq.is_encoder_decoder(load_config(policy)) else AutoModelForCausalLM
+    base = load_pretrained("policy.model", auto.from_pretrained, policy.model,
                            dtype=DTYPES[dtype] if quant is None else DTYPES[policy.dtype], quantization_config=quant,
                            trust_remote_code=policy.trust_remote_code,
                            device_map={"": "cpu" if device.type == "cpu" else device} if quant else None)
@@ -50,23 +54,24 @@ def export(run_dir: str | Path, out_dir: str | Path, dtype: str | None = None) -
         base = base.dequantize()  # the int8 / nf4 weights the adapter learned on, as floats
     merged = PeftModel.from_pretrained(base, run / MODEL).merge_and_unload().to(DTYPES[dtype])
     if quant is not None:
-        merged = _as_architecture(merged)
+        merged = _as_architecture(merged, auto)
     tokenizer = load_tokenizer("policy.model", str(run / MODEL))
-    merged.generation_config = sampling_config(recipe.generation, recipe.generation.response_max_tokens, tokenizer)
+    merged.generation_config = sampling_config(recipe.generation, recipe.generation.response_max_tokens, tokenizer,
+                                               merged)
     with atomic_dir(target) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return target
 
 
-def _as_architecture(model):
+def _as_architecture(model, auto):
     """`model`'s weights in a fresh instance of its own architecture. Dequantizing turns GPT-2's
     Conv1D layers (weights stored in x out) into nn.Linear ones (out x in), which the saved
     config would then load transposed."""
     from transformers.pytorch_utils import Conv1D
 
     with torch.device("meta"):
-        fresh = AutoModelForCausalLM.from_config(model.config, dtype=model.dtype)
+        fresh = auto.from_config(model.config, dtype=model.dtype)
     ours = dict(model.named_modules())
     flipped = {f"{n}.weight" for n, m in fresh.named_modules() if isinstance(m, Conv1D)
                and not isinstance(ours.get(n), Conv1D)}  # square ones too: shapes cannot tell
@@ -89,8 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"exported a merged model to {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}) or "
-          f"pipeline('text-generation', model={str(out)!r})")
+    if seq2seq.is_encoder_decoder(load_config(Policy(model=str(out)))):
+        print(f"exported a merged encoder-decoder to {out}: AutoModelForSeq2SeqLM.from_pretrained({str(out)!r}), "
+              "then generate()")
+    else:
+        print(f"exported a merged model to {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}) or "
+              f"pipeline('text-generation', model={str(out)!r})")
     return 0
 
 

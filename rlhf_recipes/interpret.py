@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .components.rollout import evaluating, generate, pad_batch
+from .components.rollout import end_ids, evaluating, generate, pad_batch
 from .config.sections import Generation, RecipeError
 from .reporting.heldout import scoring_inputs
 from .reporting.console import StepDisplay
@@ -94,8 +94,8 @@ def analyse(policy, tokenizer, queries: list[torch.Tensor], generation: Generati
     lap = lambda key: seconds.__setitem__(key, time.perf_counter() - tic - sum(seconds.values()))  # noqa: E731
     gen = dataclasses.replace(generation or Generation(response_min_tokens=4, response_max_tokens=16),
                               batch_size=batch_size)
-    # special tokens other than eos are never sampled in training, so their rows move at random
-    skip = sorted(set(tokenizer.all_special_ids) - {tokenizer.eos_token_id})
+    # special tokens other than the end tokens are never sampled in training, so their rows move at random
+    skip = sorted(set(tokenizer.all_special_ids) - set(end_ids(policy, tokenizer)))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), evaluating(peft):
         lengths = np.random.default_rng(seed).integers(gen.response_min_tokens, gen.response_max_tokens + 1,
                                                        size=len(queries)).tolist()
@@ -194,7 +194,7 @@ def _record(tokenizer, base, queries, shift, at_end, skip, direction, caps, dec,
         "approximate": (["per-head attribution: o(z_h) - o(0) through a quantized o_proj is not exactly linear, so "
                          "heads plus o(0) only approximate the attention output"] if quantized else []),
         "notes": notes + ["KL and logit lens in nats; logit-lens KL is KL(final output || lens) of each model",
-                          f"special tokens other than eos ({', '.join(map(word, skip)) or 'none'}) are left out of "
+                          f"special tokens other than the end tokens ({', '.join(map(word, skip)) or 'none'}) are left out of "
                           "the token rankings and the default direction",
                           "m = final-position logits . c; each model's parts use its own unembedding "
                           "(adapters on or off)"],

@@ -14,6 +14,7 @@ import torch
 from rich.markup import escape
 from rich.table import Table
 
+from .components.data import encode_prompt
 from .components.reward import build_reward
 from .config.sections import RecipeError
 from .evaluation import evaluate, load_run
@@ -26,9 +27,9 @@ from .runtime.rundir import read_heldout
 def side_by_side(run_dir: str | Path, prompts: list[str], heldout: int = 0, seed: int | None = None) -> list[dict]:
     """One record per prompt: prompt, reference, policy, their rewards and the policy's KL."""
     run = load_run(run_dir)
-    queries = [torch.tensor(run.tokenizer(p)["input_ids"], dtype=torch.long) for p in prompts]
+    queries = [torch.tensor(encode_prompt(run.recipe.prompts, run.tokenizer, p), dtype=torch.long) for p in prompts]
     queries += read_heldout(run.out)[:heldout]
-    if not queries or any(len(q) == 0 for q in queries):
+    if not queries or any(len(q) == 0 for q in queries) or any(not p.strip() for p in prompts):
         raise RecipeError("sample: give prompts (non-empty), --file with one prompt a line, or --heldout N")
     recipe = run.recipe
     recipe = dataclasses.replace(recipe, run=dataclasses.replace(recipe.run, sample_rows=len(queries)),

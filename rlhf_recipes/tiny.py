@@ -9,6 +9,10 @@ shipped recipes' Hub models, plus prompt files shaped like their datasets:
     DIR/gpt-neox          GPT-NeoX causal LM (the 8-bit recipe's architecture)
     DIR/llama             Llama causal LM (grouped-query attention) with a SentencePiece-style
                           (Metaspace) tokenizer that adds BOS, as Llama, Mistral and Gemma do
+    DIR/qwen2-instruct    Qwen2 instruct causal LM: a ChatML chat template, tokenizer EOS <|endoftext|> (also
+                          the pad) and a generation config that ends at <|im_end|> or <|endoftext|>,
+                          as Qwen2.5-Instruct's two end tokens
+    DIR/bart              BART encoder-decoder (decoder start = </s>, a forced <s> first, as BART's)
     DIR/t5                T5 encoder-decoder (gated-gelu, decoder start = pad = 0, eos = 1) with a
                           tokenizer that appends </s>, as T5's does (the FLAN-T5 recipe's architecture)
     DIR/distilbert-imdb   DistilBERT classifier, labels NEGATIVE / POSITIVE
@@ -28,10 +32,10 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import (DistilBertConfig, DistilBertForSequenceClassification, DistilBertTokenizerFast,
+from transformers import (BartConfig, BartForConditionalGeneration, BartTokenizerFast, DistilBertConfig, DistilBertForSequenceClassification, DistilBertTokenizerFast,
                           GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, GPTNeoConfig, GPTNeoForCausalLM,
                           GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXTokenizerFast, LlamaConfig, LlamaForCausalLM,
-                          LlamaTokenizerFast, PreTrainedTokenizerFast,
+                          LlamaTokenizerFast, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
                           RobertaConfig, RobertaForSequenceClassification, RobertaTokenizerFast, T5Config,
                           T5ForConditionalGeneration, T5TokenizerFast)
 
@@ -87,6 +91,55 @@ def llama_tokenizer(texts: list[str], vocab_size: int = 512) -> LlamaTokenizerFa
                                                        special_tokens=[("<s>", tok.token_to_id("<s>"))])
     return LlamaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                               add_bos_token=True, add_eos_token=False, legacy=False)
+
+
+CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\n"
+          "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+          "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+"""Qwen2.5-Instruct's template (ChatML, a default system message), without its tool calls."""
+
+
+def qwen2_instruct(texts: list[str], vocab_size: int = 512, width: int = 32, layers: int = 2):
+    """(model, tokenizer): a random Qwen2 whose tokenizer has the ChatML template and whose
+    generation config names two end tokens, <|im_end|> (the end of a turn) and <|endoftext|>
+    (the tokenizer's EOS), as Qwen2.5-Instruct's does."""
+    from transformers import GenerationConfig
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = PreTrainedTokenizerFast(tokenizer_object=_bpe(texts + ["You are a helpful assistant. system user assistant"],
+                                                         vocab_size, specials),
+                                  eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                  additional_special_tokens=specials[1:])
+    tok.chat_template = CHATML
+    ends = [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width,
+                                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=256, bos_token_id=None, eos_token_id=ends,
+                                         tie_word_embeddings=True))
+    model.generation_config = GenerationConfig(bos_token_id=None, eos_token_id=ends, pad_token_id=tok.pad_token_id,
+                                               do_sample=True, temperature=0.7, top_p=0.8, top_k=20,
+                                               repetition_penalty=1.05)  # Qwen2.5-Instruct's own defaults
+    return model, tok
+
+
+def bart(texts: list[str], vocab_size: int = 512, width: int = 32):
+    """(model, tokenizer): a random BART that starts its decoder with </s> and is forced to write
+    <s> first (forced_bos_token_id), as facebook/bart-* do."""
+    from transformers import GenerationConfig
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    bpe = _bpe(texts, vocab_size, specials)
+    bpe.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    tok = BartTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", sep_token="</s>",
+                            cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
+    model = BartForConditionalGeneration(BartConfig(
+        vocab_size=len(tok), d_model=width, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=2 * width, decoder_ffn_dim=2 * width, max_position_embeddings=128,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_bos_token_id=0))
+    model.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=2, pad_token_id=1,
+                                               decoder_start_token_id=2, forced_bos_token_id=0,
+                                               forced_eos_token_id=2, no_repeat_ngram_size=3, num_beams=4)
+    return model, tok
 
 
 def t5_tokenizer(texts: list[str], vocab_size: int = 512) -> T5TokenizerFast:
@@ -204,6 +257,9 @@ def _build(out: Path, seed: int) -> Path:
     tok = llama_tokenizer(texts)
     causal_lm("llama", tok).save_pretrained(out / "llama")
     tok.save_pretrained(out / "llama")
+    for name, (model, tok) in (("qwen2-instruct", qwen2_instruct(texts)), ("bart", bart(texts))):
+        model.save_pretrained(out / name)
+        tok.save_pretrained(out / name)
     rows = dialogues(300, seed + 2)
     with open(out / "dialogsum.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)

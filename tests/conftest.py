@@ -22,6 +22,8 @@ LOCAL = {
     "detoxify": {"policy.model": "gpt-neo", "reward.model": "roberta-hate", "prompts.dataset": "toxicity.jsonl"},
     "imdb_positive_7b_8bit": {"policy.model": "gpt-neox", "reward.model": "distilbert-imdb",
                               "prompts.dataset": "imdb.jsonl", "prompts.filter": None, "policy.dtype": None},
+    "qwen_instruct_positive": {"policy.model": "qwen2-instruct", "reward.model": "distilbert-imdb",
+                               "prompts.dataset": "imdb.jsonl", "policy.dtype": None},
     "quickstart": {},  # offline already: its data ships with the package
     "quickstart_seq2seq": {},
     "quickstart_dpo": {},

@@ -57,7 +57,7 @@ def test_shipped_recipe_trains_two_steps(name, quantization, tiny_dir, tmp_path,
     assert TRL_KEYS <= set(metrics[0])
     assert abs(metrics[0]["objective/kl"]) < 1e-6  # before any update the policy is its reference
     assert abs(metrics[1]["objective/kl"]) > 1e-6  # after one, it is not
-    assert metrics[0]["objective/kl_coef"] == pytest.approx(0.2)
+    assert metrics[0]["objective/kl_coef"] == pytest.approx(load_recipe(name).ppo.init_kl_coef)
 
     saved = json.loads((out / "recipe.json").read_text())
     assert saved["policy"]["quantization"] == quantization and saved["run"]["output_dir"] == str(out)

@@ -20,9 +20,10 @@ def test_pad_batch():
 
 @pytest.mark.parametrize("tokens, length, expected", [
     ([4, 5, 6, 7], 2, [4, 5]), ([4, 2, 6, 7], 4, [4, 2]), ([2, 2, 2], 3, [2]), ([4, 5], 9, [4, 5]),
+    ([4, 9, 2, 7], 4, [4, 9]),  # an instruct model's end of turn (9) ends it as EOS (2) does
 ])
-def test_cut_response_stops_at_length_and_first_eos(tokens, length, expected):
-    assert cut_response(torch.tensor(tokens), length, eos_id=2).tolist() == expected
+def test_cut_response_stops_at_length_and_first_end_token(tokens, length, expected):
+    assert cut_response(torch.tensor(tokens), length, ends=[2, 9]).tolist() == expected
 
 
 def test_batch_indices_is_a_pure_epoch_schedule():

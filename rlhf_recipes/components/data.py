@@ -32,6 +32,8 @@ class PromptSet:
     duplicates: int = 0
     """Queries dropped because an earlier one had the same token ids (short prompts repeat:
     IMDB's "This movie" is many reviews' first two tokens)."""
+    heldout_texts: tuple[str, ...] = ()
+    """The held-out prompts as texts, before any chat template (what DPO's pairs are kept apart from)."""
 
 
 def load_texts(cfg: Prompts) -> list[str]:
@@ -162,6 +164,9 @@ def load_prompts(cfg: Prompts, tokenizer, heldout: int, seed: int, seq2seq: bool
     comes on top, once, at the start. For an encoder-decoder policy (seq2seq) a query is the
     whole text, cut to prompts.max_source_tokens with the EOS its tokenizer appends kept.
     """
+    if seq2seq and cfg.chat_template:
+        raise RecipeError("prompts.chat_template is for causal instruct models; an encoder-decoder policy reads "
+                          "the text as it is: set prompts.chat_template=false")
     texts = load_texts(cfg)
     if len(texts) <= heldout:
         raise RecipeError(f"prompts: {cfg.dataset!r} has {len(texts)} usable texts after filtering, "
@@ -176,14 +181,17 @@ def load_prompts(cfg: Prompts, tokenizer, heldout: int, seed: int, seq2seq: bool
         limit = cfg.query_max_tokens * _CHARS_PER_TOKEN_BOUND
         ids = tokenizer([t[:limit] for t in texts])["input_ids"]
     bos = tokenizer.bos_token_id
-    seen: dict[tuple[int, ...], None] = {}
+    seen: dict[tuple[int, ...], str] = {}
     candidates = 0
     for x, n in zip(ids, lengths):
         lead = 1 if bos is not None and x and x[0] == bos and len(x) > 1 else 0
         query = tuple(x[:lead + n])
         if len(query) > lead:
+            text = tokenizer.decode(query[lead:], skip_special_tokens=True)
+            if cfg.chat_template:
+                query = tuple(encode_prompt(cfg, tokenizer, text))
             candidates += 1
-            seen.setdefault(query, None)
+            seen.setdefault(query, text)
     queries = [torch.tensor(q, dtype=torch.long) for q in seen]
     if len(queries) <= heldout:
         raise RecipeError(f"prompts: {cfg.dataset!r} has {len(queries)} distinct prompts after filtering, "
@@ -191,7 +199,38 @@ def load_prompts(cfg: Prompts, tokenizer, heldout: int, seed: int, seq2seq: bool
     train = queries[heldout:]
     if cfg.max_prompts is not None:
         train = train[:cfg.max_prompts]
-    return PromptSet(train=train, heldout=queries[:heldout], duplicates=candidates - len(queries))
+    return PromptSet(train=train, heldout=queries[:heldout], duplicates=candidates - len(queries),
+                     heldout_texts=tuple(list(seen.values())[:heldout]))
+
+
+def encode_prompt(cfg: Prompts, tokenizer, text: str) -> list[int]:
+    """`text`'s token ids as a prompt: as they are, or (prompts.chat_template) render_prompt's
+    text tokenized without added specials: a template that writes its own BOS (Llama 3, Gemma)
+    would otherwise get a second one."""
+    if not cfg.chat_template:
+        return tokenizer(text)["input_ids"]
+    return tokenizer(render_prompt(cfg, tokenizer, text), add_special_tokens=False)["input_ids"]
+
+
+def render_prompt(cfg: Prompts, tokenizer, text: str) -> str:
+    """`text` as the user's turn in the tokenizer's chat template, after prompts.system if set,
+    with the assistant's turn opened. A text cut inside a multi-byte character ends in a
+    replacement character, dropped here."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise RecipeError("prompts.chat_template=true, but policy.model's tokenizer has no chat template (a base "
+                          "model?); use an instruct model, or set prompts.chat_template=false")
+    messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [
+        {"role": "user", "content": text.rstrip("\ufffd").strip()}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def turn_end_id(tokenizer, ends: list[int]) -> int:
+    """The token that ends an assistant's turn in the tokenizer's chat template: the last of `ends`
+    (end_ids) in a rendered conversation that ends with a reply. DPO's chat answers end in it, as
+    sampled ones do."""
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+    return next((i for i in reversed(ids) if i in ends), ends[0])
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
 
 import torch
 from transformers import CompileConfig, GenerationConfig
@@ -31,27 +32,57 @@ def pad_batch(seqs: list[torch.Tensor], pad_id: int, side: str = "left",
     return ids, mask
 
 
-def cut_response(tokens: torch.Tensor, length: int, eos_id: int | None, keep: int = 0) -> torch.Tensor:
-    """The first `length` generated tokens, ending at the first eos (kept), after `keep` leading
-    tokens that are not generated (1 for a decoder's start token: never cut from the left).
+def cut_response(tokens: torch.Tensor, length: int, ends: Sequence[int] = (), keep: int = 0) -> torch.Tensor:
+    """The first `length` generated tokens, ending at the first end token (kept), after `keep`
+    leading tokens that are not generated (a decoder's start token, and a BART's forced BOS:
+    never cut from the left).
 
-    tokens: (keep + max_new_tokens,) -> (keep + <= length,). Cutting a longer sample is exactly
-    a sample of that length, so one generate call serves prompts with different target lengths.
+    tokens: (keep + max_new_tokens,) -> (keep + <= length,). ends: every id that ends a
+    response (end_ids). Cutting a longer sample is exactly a sample of that length, so one
+    generate call serves prompts with different target lengths.
     """
     head, tokens = tokens[:keep], tokens[keep:keep + length]
-    if eos_id is not None:
-        hits = (tokens == eos_id).nonzero()
+    if len(ends):
+        hits = torch.isin(tokens, torch.tensor(list(ends), dtype=tokens.dtype)).nonzero()
         if len(hits):
             tokens = tokens[: int(hits[0]) + 1]
     return torch.cat([head, tokens])
 
 
-def sampling_config(gen: Generation, max_new_tokens: int, tokenizer) -> GenerationConfig:
+def end_ids(model, tokenizer) -> list[int]:
+    """Every token id that ends a response: the tokenizer's EOS and each end token the model's own
+    generation config names. An instruct model ends its turn with one of its own (<|im_end|>,
+    <|eot_id|>, <end_of_turn>, <|end|>), often not the tokenizer's EOS; sampling from a blank
+    config (no_model_defaults) would otherwise run past it, and reward, KL and PPO score the
+    text after the turn."""
+    named = _base(model).generation_config.eos_token_id
+    ids = [tokenizer.eos_token_id, *(named if isinstance(named, (list, tuple)) else [named])]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def forced_bos_id(model) -> int | None:
+    """The token a BART-family encoder-decoder is made to write first (its generation config's
+    forced_bos_token_id); None for T5 and for causal LMs."""
+    if not is_encoder_decoder(model):
+        return None
+    base = _base(model)
+    forced = getattr(base.generation_config, "forced_bos_token_id", None)
+    return forced if forced is not None else getattr(base.config, "forced_bos_token_id", None)
+
+
+def sampling_config(gen: Generation, max_new_tokens: int, tokenizer, model=None) -> GenerationConfig:
     """Plain sampling, built from scratch so that no model's generation_config (repetition
-    penalties, no_repeat_ngram_size, min lengths) can leak in and bias the KL."""
-    return GenerationConfig(do_sample=True, top_k=gen.top_k, top_p=gen.top_p, temperature=gen.temperature,
-                            max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                            eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    penalties, no_repeat_ngram_size, min lengths) can leak in and bias the KL. From `model` it
+    takes only what ends a response and how an encoder-decoder starts one: its end tokens, its
+    decoder start token and a forced first token (BART's BOS)."""
+    config = GenerationConfig(do_sample=True, top_k=gen.top_k, top_p=gen.top_p, temperature=gen.temperature,
+                              max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id if model is None else end_ids(model, tokenizer),
+                              bos_token_id=tokenizer.bos_token_id)
+    if model is not None and is_encoder_decoder(model):
+        config.decoder_start_token_id = _base(model).config.decoder_start_token_id
+        config.forced_bos_token_id = forced_bos_id(model)
+    return config
 
 
 def compiled_decoding(config: GenerationConfig) -> GenerationConfig:
@@ -114,6 +145,9 @@ def generate(model, tokenizer, queries: list[torch.Tensor], lengths: list[int], 
     chunk = gen.batch_size or len(queries)
     responses: list[torch.Tensor] = []
     encoder_decoder = is_encoder_decoder(model)
+    ends = end_ids(model, tokenizer)
+    # what the decoder is given before it samples: its start token, and BART's forced BOS after it
+    keep = (1 + (forced_bos_id(model) is not None)) if encoder_decoder else 0
     compiled = gen.compile and compiles(model)
     with evaluating(model):
         for start in range(0, len(queries), chunk):
@@ -122,11 +156,10 @@ def generate(model, tokenizer, queries: list[torch.Tensor], lengths: list[int], 
             # compiled, a batch's shape is a compilation: few widths, and every batch to the longest length
             ids, mask = pad_batch(qs, tokenizer.pad_token_id, side="right" if encoder_decoder else "left",
                                   multiple=8 if compiled else 1)
-            config = sampling_config(gen, gen.response_max_tokens if compiled else max(ls), tokenizer)
+            longest = (gen.response_max_tokens if compiled else max(ls)) + max(keep - 1, 0)  # BART's BOS on top
+            config = sampling_config(gen, longest, tokenizer, model)
             if compiled:
                 compiled_decoding(config)
-            if encoder_decoder:
-                config.decoder_start_token_id = _base(model).config.decoder_start_token_id
             with no_model_defaults(model):
                 out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                      generation_config=config)
@@ -135,8 +168,7 @@ def generate(model, tokenizer, queries: list[torch.Tensor], lengths: list[int], 
             # a decoder's output from its start token, which stays (PPO scores it as given); a causal
             # LM's continuation after the prompt
             new = out.cpu() if encoder_decoder else out[:, ids.shape[1]:].cpu()
-            responses.extend(cut_response(row, n, tokenizer.eos_token_id, keep=int(encoder_decoder))
-                             for row, n in zip(new, ls))
+            responses.extend(cut_response(row, n, ends, keep) for row, n in zip(new, ls))
             if done is not None:
                 done(len(qs))
     return responses

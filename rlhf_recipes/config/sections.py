@@ -117,9 +117,20 @@ class Prompts(Section):
     max_source_tokens: int = 512
     """Encoder-decoder policies: the prompt (the encoder's input) is the whole text, cut to this
     many tokens with its EOS kept; query_min/max_tokens are for causal policies."""
+    chat_template: bool = False
+    """Instruct models: each prompt (cut to its query length first) becomes the user's turn of a
+    conversation in the tokenizer's own chat template, with the assistant's turn opened, and the
+    policy writes the reply. Used alike by training (every method), evaluation, sample and
+    interpret. The decoded prompt then includes the template's text (role names), so a classifier
+    usually reads the reply alone (reward.input=response)."""
+    system: Optional[str] = None
+    """With chat_template: a system message before the user's turn; none means the template's own default."""
 
     def check(self) -> None:
         template_fields(self, "template")
+        self.require(self.system is None or self.chat_template, "system",
+                     "is put into the chat template: set prompts.chat_template=true too, or leave this none")
+        self.require(self.system is None or bool(self.system.strip()), "system", "must not be empty; use none")
         _positive(self, "max_source_tokens")
         self.require(bool(self.dataset.strip()), "dataset", "must name a Hub dataset or local file(s)")
         self.require(bool(self.text_column.strip()), "text_column", "must name a column")

@@ -89,7 +89,7 @@ def train_dpo(recipe: Recipe, resume: bool = False) -> TrainResult:
         raise RecipeError(f"dpo: policy.model {recipe.policy.model!r} is an encoder-decoder, which the DPO loop "
                           "does not train yet; use a causal LM, or PPO for this policy")
     out, saved, tokenizer = started.out, started.saved, started.tokenizer
-    heldout_prompts = {tokenizer.decode(q, skip_special_tokens=True).strip() for q in started.prompts.heldout}
+    heldout_prompts = {t.strip() for t in started.prompts.heldout_texts}
     with started.state.main_process_first():
         train_rows, held_rows, dropped = load_pairs(cfg, run.seed, heldout_prompts)
     steps = total_steps(cfg, len(train_rows), run.steps)
@@ -101,7 +101,8 @@ def train_dpo(recipe: Recipe, resume: bool = False) -> TrainResult:
     # the Trainer wants a directory; our loop saves nothing in it
     with tempfile.TemporaryDirectory(prefix="rlhf_recipes-dpo-") as work:
         trainer = trl_backend.make_dpo_trainer(cfg, started.policy.pretrained_model, tokenizer, train_rows, held_rows,
-                                               steps, run.seed, Path(work), cfg.gradient_checkpointing)
+                                               steps, run.seed, Path(work), cfg.gradient_checkpointing,
+                                               chat=recipe.prompts if recipe.prompts.chat_template else None)
 
     def evaluate_now(step: int, check: bool = False) -> dict:
         record = started.held_out(step, check)  # the recipe's reward and KL of samples, as for PPO,

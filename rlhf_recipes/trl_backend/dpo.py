@@ -12,7 +12,9 @@ from trl import DPOConfig, DPOTrainer
 from trl.data_utils import common_prefix_length
 
 from ..components import compat
-from ..config.sections import DPO, RecipeError
+from ..components.data import encode_prompt, render_prompt, turn_end_id
+from ..components.rollout import end_ids
+from ..config.sections import DPO, Prompts, RecipeError
 from ..runtime import distributed
 
 RENAMED = {"aot_pair": "aot_unpaired"}  # TRL 0.11.4's name -> TRL 1.x's, the same loss
@@ -43,16 +45,19 @@ def losses(cfg: DPO) -> tuple[list[str], list[float]]:
 
 
 def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, max_length: int, max_prompt_length: int,
-                  bos: int | None, adds_bos: bool) -> dict[str, list[int]]:
+                  bos: int | None, adds_bos: bool, end: int | None = None, specials: bool = True) -> dict[str, list[int]]:
     """One DPO row: the prompt's tokens as the tokenizer starts a prompt (no BOS for GPT-2, one
     for Llama), split from each answer where tokenizing prompt + answer departs from the prompt's
     own tokens, and each answer ending in EOS. A row longer than max_length keeps the prompt's last
     max_prompt_length tokens (with Llama's BOS put back first) and each answer's first
     max_length - max_prompt_length: TRL 1.x has no prompt cut of its own, and drops a row whose
-    prompt alone is too long, which would leave the loop's batches short."""
-    eos = tokenizer.eos_token_id
-    p = tokenizer(prompt)["input_ids"]
-    c, r = tokenizer(prompt + chosen)["input_ids"], tokenizer(prompt + rejected)["input_ids"]
+    prompt alone is too long, which would leave the loop's batches short.
+
+    end: the token that ends an answer (an instruct model's end of turn); none means EOS.
+    specials=False tokenizes a chat-templated prompt, which holds its own specials, as it is."""
+    eos = tokenizer.eos_token_id if end is None else end
+    p = tokenizer(prompt, add_special_tokens=specials)["input_ids"]
+    c, r = (tokenizer(prompt + answer, add_special_tokens=specials)["input_ids"] for answer in (chosen, rejected))
     n = min(common_prefix_length(p, c), common_prefix_length(p, r))
     p, c, r = p[:n], c[n:] + [eos], r[n:] + [eos]
     if len(p) + max(len(c), len(r)) > max_length:
@@ -64,12 +69,15 @@ def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, max_length
 
 
 def make_dpo_trainer(cfg: DPO, model, tokenizer, train: list[tuple[str, str, str]], heldout: list[tuple[str, str, str]],
-                     steps: int, seed: int, work_dir: Path, checkpointing: bool = False) -> DPOTrainer:
+                     steps: int, seed: int, work_dir: Path, checkpointing: bool = False,
+                     chat: Prompts | None = None) -> DPOTrainer:
     """TRL's DPOTrainer for a PEFT `model` (the reference is `model` with its adapters off), the
     section passed through, its triples (prompt, chosen, rejected) tokenized by tokenize_pair,
     and an optimizer and schedule for `steps` updates.
 
     checkpointing: non-reentrant gradient checkpointing (the policy's dpo.gradient_checkpointing).
+    chat: the recipe's prompts section when prompts.chat_template is on: each prompt becomes the
+    user's turn in the chat template, and each answer ends with the template's end of turn.
     """
     from datasets import Dataset
 
@@ -77,16 +85,24 @@ def make_dpo_trainer(cfg: DPO, model, tokenizer, train: list[tuple[str, str, str
 
     bos = tokenizer.bos_token_id
     adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+    end = None
+    if chat is not None:
+        end = turn_end_id(tokenizer, end_ids(model, tokenizer))
+        adds_bos = bos is not None and encode_prompt(chat, tokenizer, "a")[:1] == [bos]
 
     def dataset(rows):
         out = []
         for prompt, good, bad in rows:
+            if chat is not None:  # the templated prompt ends where the reply starts: nothing moves to the answers
+                out.append(tokenize_pair(tokenizer, render_prompt(chat, tokenizer, prompt), good, bad, cfg.max_length, cfg.max_prompt_length, bos,
+                                         adds_bos, end, specials=False))
+                continue
             # a prompt's trailing whitespace goes to the answers: a space that merges into the
             # answer's first token ("the " + "movie") would otherwise take a token out of both
             kept = prompt.rstrip()
             lead = prompt[len(kept):] + cfg.separator
             out.append(tokenize_pair(tokenizer, kept, lead + good, lead + bad, cfg.max_length, cfg.max_prompt_length,
-                                     bos, adds_bos))
+                                     bos, adds_bos, end))
         return Dataset.from_list(out)
 
     types, weights = losses(cfg)
