@@ -166,3 +166,35 @@ def test_the_command_on_a_finished_run_writes_its_files_and_report_section(tiny_
     assert main([str(tmp_path / "nothing")]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 2 and "--negative" in errors[0] and "not a finished run" in errors[1]
+
+
+def test_the_logit_lens_holds_the_same_memory_for_more_prompts(tiny_dir, monkeypatch):
+    """The lens logits (prompts x layers x vocabulary, fp32) are made a few prompts at a time: the
+    largest tensor the output head makes is the same for 3 prompts and for 24, and the lens
+    statistics are those of the whole lens at once."""
+    from rlhf_recipes.reporting import interpret_passes
+
+    policy, tokenizer = moved(tiny_dir, "gpt2", EVERYWHERE["gpt2"])
+    arch, peft, base = check_model(policy)
+    monkeypatch.setattr(interpret_passes, "LENS_ELEMENTS", 2 * 3 * base.config.vocab_size)  # 2 prompts' lens
+    sizes = []
+    hook = base.get_output_embeddings().register_forward_hook(lambda m, i, out: sizes.append(out.numel()))
+    peaks = {}
+    base.set_attn_implementation("eager")
+    c = contrast(base.config.vocab_size, [3, 7], [5])
+    try:
+        for n in (3, 24):
+            queries = [torch.tensor(tokenizer(TEXTS[i % 3]).input_ids) for i in range(n)]
+            ids, mask = pad_batch(queries, tokenizer.pad_token_id, side="right")
+            with torch.no_grad():
+                cap = {**hooked_forward(peft, base, arch, ids, mask, mask.sum(1) - 1), "last": mask.sum(1) - 1}
+                sizes.clear()
+                dec = decompose(base, arch, cap, c)
+            peaks[n] = max(sizes)
+            whole = base.get_output_embeddings()(base.get_submodule(arch["final_norm"])(torch.cat(
+                [cap["embed"][:, None], cap["embed"][:, None] + torch.stack([cap["attn"], cap["mlp"]], 2)
+                 .flatten(1, 2).cumsum(1)[:, 1::2]], 1))).float()  # the lens at once, for comparison
+            assert torch.allclose(dec["lens_m"], whole @ c, atol=1e-5)
+    finally:
+        hook.remove()
+    assert peaks[3] == peaks[24] == 2 * 3 * base.config.vocab_size

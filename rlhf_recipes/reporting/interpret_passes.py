@@ -169,8 +169,7 @@ def decompose(base, arch: dict, cap: dict, c: torch.Tensor) -> dict:
         raise RuntimeError(f"interpret: the parts miss m by {gap:.3g}: {base.config.model_type}'s residual stream "
                            "is not the sum ARCHS assumes")
     resid = torch.cat([cap["embed"][:, None], cap["embed"][:, None] + parts[:, 1:].cumsum(1)[:, 1::2]], 1)
-    lens = head(norm(resid.to(dt.dtype))).float()  # (N, L + 1, V): after the embeddings, after each block
-    lens_kl = kl_rows(cap["logits"].log_softmax(-1)[:, None], lens.log_softmax(-1))  # KL(final || lens)
+    lens_kl, lens_m = logit_lens(head, norm, resid.to(dt.dtype), cap["logits"], c)
     per_head, o_bias, heads = [], [], base.config.num_attention_heads
     for i, layer in enumerate(layers):
         o, z = layer.get_submodule(arch["o_proj"]), cap["z"][i][torch.arange(len(final)), cap["last"]]
@@ -178,8 +177,29 @@ def decompose(base, arch: dict, cap: dict, c: torch.Tensor) -> dict:
         zero = o(torch.zeros_like(z[:1])).float()  # o(0): the bias, given once rather than to every head
         per_head.append(frozen_norm(o(z[:, None] * only.to(z.dtype)).float() - zero, final, gamma, u, eps, rms))
         o_bias.append(frozen_norm(zero.expand(len(z), -1)[:, None], final, gamma, u, eps, rms)[:, 0])
-    return {"m": m, "dla": dla, "bias": bias, "gap": float(gap), "lens_kl": lens_kl, "lens_m": lens @ c.to(lens.device),
+    return {"m": m, "dla": dla, "bias": bias, "gap": float(gap), "lens_kl": lens_kl, "lens_m": lens_m,
             "heads": torch.stack(per_head, 1), "o_bias": torch.stack(o_bias, 1)}
+
+
+LENS_ELEMENTS = 2 ** 25
+"""The most logit-lens logits held at once (128 MB in fp32): the whole lens, prompts x layers x
+vocabulary, is about 4 GB a copy for Llama-3-8B on 256 prompts, and log-softmax makes more."""
+
+
+def logit_lens(head, norm, resid: torch.Tensor, logits: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(KL(final || lens), lens . c), each (N, L + 1): the output head read at the residual after the
+    embeddings and after each block. resid (N, L + 1, d), logits (N, V) the final ones, c (V,).
+
+    Computed a few prompts at a time (at most LENS_ELEMENTS logits at once), so that memory does
+    not grow with the number of prompts."""
+    rows = max(1, LENS_ELEMENTS // (resid.shape[1] * logits.shape[-1]))
+    kl, along = [], []
+    for s in range(0, len(resid), rows):
+        lens = head(norm(resid[s:s + rows])).float()  # (rows, L + 1, V)
+        kl.append(kl_rows(logits[s:s + rows].log_softmax(-1)[:, None], lens.log_softmax(-1)))
+        along.append(lens @ c.to(lens.device))
+        del lens
+    return torch.cat(kl), torch.cat(along)
 
 
 def token_ids(tokenizer, entries: list[str], flag: str, notes: list) -> list[int]:
