@@ -234,3 +234,81 @@ def test_a_llama_policy_trains_two_steps_with_one_bos_per_query(tiny_dir, tmp_pa
     metrics = read_metrics(out)
     assert abs(metrics[0]["objective/kl"]) < 1e-6 < abs(metrics[1]["objective/kl"])
     assert np.isfinite(metrics[1]["ppo/loss/total"])
+
+
+# ---------------------------------------------------------------------------- 10. int8 outliers and packing
+def llm_int8(module: torch.nn.Linear, threshold: float = 6.0):
+    """`module`'s forward as bitsandbytes' LLM.int8 computes it on a GPU: the input's columns with a
+    value above `threshold` anywhere in the batch in full precision, the rest in int8 (rows of the
+    input and of the weight scaled to 127). bitsandbytes' CPU kernels skip the decomposition, so
+    this stands in for the GPU's here; which columns count depends on the whole batch."""
+    def forward(x):
+        flat, w = x.reshape(-1, x.shape[-1]), module.weight
+        outlier = (flat.abs() > threshold).any(0)
+        xs, ws = flat[:, ~outlier], w[:, ~outlier]
+        sx = xs.abs().amax(1, keepdim=True).clamp_min(1e-8) / 127
+        sw = ws.abs().amax(1, keepdim=True).clamp_min(1e-8) / 127
+        y = flat[:, outlier] @ w[:, outlier].T + (torch.round(xs / sx) @ torch.round(ws / sw).T) * sx * sw.T
+        return (y if module.bias is None else y + module.bias).reshape(*x.shape[:-1], -1)
+    module.forward = forward
+
+
+@pytest.fixture(scope="module")
+def outlier_llama(tiny_dir, tmp_path_factory):
+    """A 64-wide Llama with an outlier feature: embedding column 3 at 40 for tokens 7 to 11 (after
+    RMSNorm about 8, above LLM.int8's threshold of 6; a 32-wide model's norm would cap it at 5.7)."""
+    from rlhf_recipes.tiny import causal_lm
+
+    tokenizer = load_tokenizer("p", str(tiny_dir / "llama"))
+    torch.manual_seed(0)
+    model = causal_lm("llama", tokenizer, width=64)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[7:12, 3] = 40.0
+    out = tmp_path_factory.mktemp("outlier") / "llama"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_int8_outliers_leave_packing_on_with_the_kl_exactly_zero(outlier_llama):
+    from rlhf_recipes import PPO, Policy
+    from rlhf_recipes.ppo.probes import packing_problem
+
+    torch.manual_seed(0)
+    policy = build_policy(Policy(model=str(outlier_llama)), CPU)
+    base = policy.pretrained_model.get_base_model()
+    for name, module in base.named_modules():
+        if name.endswith("base_layer") or (isinstance(module, torch.nn.Linear) and "lora" not in name
+                                           and name.split(".")[-1] in ("gate_proj", "up_proj", "down_proj")):
+            llm_int8(module)
+    ids = torch.tensor([[20, 21, 22, 23], [30, 31, 32, 33]])
+    with torch.no_grad():
+        alone = base(input_ids=ids).logits[0]
+        beside = base(input_ids=torch.stack([ids[0], torch.tensor([7, 8, 9, 10])])).logits[0]
+    assert not torch.equal(alone, beside)  # the fixture does what int8 outliers do: a row moves with its neighbour
+    assert (alone - beside).abs().max() < 0.02 * alone.abs().max()  # slightly
+    assert packing_problem(policy) is None  # the old probe turned packing off here, blaming attention
+    cfg = PPO(learning_rate=1e-3, batch_size=4, mini_batch_size=2, ppo_epochs=1, adap_kl_ctrl=True, init_kl_coef=0.2,
+              target=6.0, horizon=1000.0, gamma=1.0, lam=0.95, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1)
+    trainer = ppo.build_trainer(cfg, policy, load_tokenizer("p", str(outlier_llama)))
+    assert trainer.pack_rows and trainer.unpacked is None
+    queries = [torch.tensor(q) for q in ([1, 7, 8], [1, 20, 21, 22], [1, 9, 30], [1, 40])]
+    responses = [torch.tensor(r) for r in ([11, 12, 13], [50, 51], [10, 60, 61, 62], [70, 71, 72])]
+    stats = ppo.ppo_step(trainer, queries, responses, [1.0, -1.0, 0.5, 0.0])
+    assert stats["objective/kl"] == 0.0  # policy and reference saw the same packed rows the same way
+
+
+def test_a_model_whose_packed_rows_see_each_other_is_refused_packing_for_that_reason(tiny_dir, monkeypatch):
+    from rlhf_recipes import Policy
+    from rlhf_recipes.components import token_scores
+    from rlhf_recipes.ppo import probes
+
+    def leaky(model, inputs, lengths, capacity):  # no position ids: transformers cannot tell the sequences apart
+        ids, _, index = token_scores.pack(inputs["input_ids"], inputs["attention_mask"], lengths, capacity)
+        return model(input_ids=ids, use_cache=False, logits_to_keep=1), index
+
+    torch.manual_seed(0)
+    policy = build_policy(Policy(model=str(tiny_dir / "gpt2")), CPU)
+    assert probes.packing_problem(policy) is None
+    monkeypatch.setattr(probes, "packed_forward", leaky)
+    assert probes.packing_problem(policy) == probes.LEAK

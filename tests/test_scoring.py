@@ -285,7 +285,7 @@ def test_packing_lays_rows_end_to_end_at_positions_of_their_own():
     three = torch.tensor([[1] * 8, [1] * 8, [1] + [0] * 7])
     packed, _, _ = token_scores.pack(three * 5, three, [8, 8, 1], capacity=16)
     assert packed.shape == (2, 9)  # first fit would give (2, 16): one row full, one of a single token
-    probe = torch.tensor([[1] * 5, [1] * 3 + [0] * 2] * 2)  # probes.packs_rows' rows: two packed rows of two each
+    probe = torch.tensor([[1] * 5, [1] * 3 + [0] * 2] * 2)  # probes.packing_problem's rows: two packed rows of two each
     packed, positions, _ = token_scores.pack(probe * 3, probe, [5, 3, 5, 3], capacity=8)
     assert packed.shape == (2, 8) and positions.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2]] * 2
 

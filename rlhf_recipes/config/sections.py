@@ -233,7 +233,9 @@ class PPO(Section):
     16, the tiny shape's 4-6% (bench/RESULTS.md). Used only where a start-up check finds that
     the model keeps packed rows apart (transformers' packed-sequence masks, from the position
     ids: GPT-2, GPT-NeoX, Llama and most others; GPT-Neo on transformers 5); otherwise, and for
-    encoder-decoders, the run pads as TRL 0.11.4 did. The log-probs move in their last bits (about 1e-6, as kernels differ with the
+    encoder-decoders, the run pads as TRL 0.11.4 did, and says why. An 8-bit base moves each row's
+    numbers slightly with its neighbours, padded or packed alike (LLM.int8 picks its outlier
+    columns over the whole batch), which the check allows. The log-probs move in their last bits (about 1e-6, as kernels differ with the
     shapes), the policy's and the reference's alike: the KL is still exactly 0 before the first
     update, and a seed still gives the same run. false gives TRL 0.11.4's scoring passes bit for bit."""
 

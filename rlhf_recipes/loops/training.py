@@ -72,10 +72,8 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
         console.print("note: PPO scores every position with the padded pass, which is slower: this policy's "
                       "logits are not its LM head applied to its last hidden state (a logit scale or soft cap, say), "
                       "or its forward takes no logits_to_keep", soft_wrap=True)
-    if recipe.ppo.pack_rows and trainer.responses_only and not trainer.pack_rows:
-        console.print("note: ppo.pack_rows is off for this policy, which pads: laid end to end, its rows would see "
-                      "each other (its forward does not keep packed sequences apart by their position ids)",
-                      soft_wrap=True)
+    if trainer.unpacked:
+        console.print(f"note: ppo.pack_rows is off for this policy, which pads: {trainer.unpacked}", soft_wrap=True)
     for level, text in startup.notices(recipe, processes, device):
         console.print(f"[yellow]warning:[/] {escape(text)}" if level == "warning" else f"note: {escape(text)}",
                       soft_wrap=True)

@@ -23,7 +23,7 @@ from ..components.rollout import pad_batch
 from ..config.sections import PPO, Recipe
 from ..runtime import distributed
 from . import maths
-from .probes import logits_from_last_hidden, packs_rows
+from .probes import logits_from_last_hidden, packing_problem
 from .scoring import Batch, Passes, score
 
 
@@ -44,6 +44,8 @@ class PPOTrainer:
     lr_scheduler: object = None
     """Always None (recipes have no schedule); kept for the checkpoint code PPO shares with DPO."""
     model_params: list = dataclasses.field(default_factory=list)
+    unpacked: str | None = None
+    """Why ppo.pack_rows is off for this policy (the start-up probe's answer), or None."""
     rollout: dict = dataclasses.field(default_factory=dict)
     """The last step's scored rollout (mask, logprobs, ref_logprobs, values, advantages, returns,
     each (b, L - 1)) and how many minibatches it trained on: to inspect, or to test."""
@@ -246,7 +248,10 @@ def build_trainer(cfg: PPO, model, tokenizer, seed: int = 0, deepspeed=None) -> 
     # every process passes the same way, even where one's kernels answered a probe otherwise
     # the full-distribution penalty needs every logit: its passes all pad, the gradient one too
     responses_only = cfg.kl_penalty != "full" and not distributed.any_process(not logits_from_last_hidden(model))
-    pack_rows = cfg.pack_rows and responses_only and not distributed.any_process(not packs_rows(model))
+    unpacked = packing_problem(model) if cfg.pack_rows and responses_only else None
+    if distributed.any_process(unpacked is not None) and unpacked is None:
+        unpacked = "another process's probe found its rows could not be packed, and every process passes alike"
+    pack_rows = cfg.pack_rows and responses_only and unpacked is None
     text = model.pretrained_model.config.get_text_config()
     # attention over a packed row of C tokens costs about C / 6d of the linear layers' time at
     # width d: rows up to d / 3 wide keep it near 5% (and never shorter than the longest sequence).
@@ -259,7 +264,8 @@ def build_trainer(cfg: PPO, model, tokenizer, seed: int = 0, deepspeed=None) -> 
     kl_ctl = (maths.AdaptiveKL(cfg.init_kl_coef, cfg.target, cfg.horizon) if cfg.adap_kl_ctrl
               else maths.FixedKL(cfg.init_kl_coef))
     return PPOTrainer(cfg, prepared, tokenizer, accelerator, optimizer, kl_ctl, passes, cfg.gradient_checkpointing,
-                      model_params=[p for p in prepared.parameters() if p.requires_grad])
+                      model_params=[p for p in prepared.parameters() if p.requires_grad],
+                      unpacked=unpacked)
 
 
 def ppo_step(trainer: PPOTrainer, queries: list[torch.Tensor], responses: list[torch.Tensor],
