@@ -9,7 +9,8 @@ It assumes sequences of at most 8 + 32 = 40 tokens and a PPO mini-batch of 8:
   mini-batch activations: one fp16 residual per layer kept by gradient
     checkpointing, one layer recomputed at a time (1.7 GB without it) .... 0.2 GB
   fp32 logits of 8 x 40 x 50k, with TRL's log-softmax and entropy ........ 0.3 GB
-  DistilBERT reward model, CUDA context, allocator slack ................ 2.0 GB
+  DistilBERT reward model in 8-bit as the policy (0.07 GB; 0.27 in fp32),
+    CUDA context, allocator slack ....................................... 1.8 GB
   total ................................................................ ~12 GB of 24 GB
 """
 from rlhf_recipes import PPO, Eval, Generation, Policy, Prompts, Recipe, Reward, Run

@@ -85,7 +85,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
     run = load_run(run_dir, overrides, weights=False)
     out, recipe, device = run.out, run.recipe, run.device
     queries = read_heldout(out)
-    reward_fn = build_reward(recipe.reward, device)
+    reward_fn = build_reward(recipe.reward, device, recipe.policy)
     before = evaluate(run.policy, run.tokenizer, reward_fn, queries, recipe, device, step=0, check_reference=True)
     load_policy_weights(run.policy, out / MODEL)
     metrics = read_metrics(out)

@@ -44,7 +44,7 @@ def export(run_dir: str | Path, out_dir: str | Path, dtype: str | None = None) -
     recipe, device = saved_recipe(run)
     policy = recipe.policy
     dtype = dtype or policy.dtype
-    quant = quantization_config(policy)
+    quant = quantization_config(policy.quantization, policy.dtype)
     auto = AutoModelForSeq2SeqLM if seq2seq.is_encoder_decoder(load_config(policy)) else AutoModelForCausalLM
     base = load_pretrained("policy.model", auto.from_pretrained, policy.model,
                            dtype=DTYPES[dtype] if quant is None else DTYPES[policy.dtype], quantization_config=quant,

@@ -132,7 +132,7 @@ def best_of_n(run_dir: Path, ns: list[int]) -> list[dict]:
         responses = generate(run.policy, run.tokenizer, repeated, [n for n in lengths for _ in range(m)],
                              dataclasses.replace(gen, batch_size=ev.batch_size), run.device)
     prompts, texts = decode_pairs(run.tokenizer, repeated, responses, is_encoder_decoder(run.policy))
-    rewards = np.asarray(build_reward(recipe.reward, run.device)(reward_inputs(recipe.reward, prompts, texts)),
+    rewards = np.asarray(build_reward(recipe.reward, run.device, recipe.policy)(reward_inputs(recipe.reward, prompts, texts)),
                          dtype=float).reshape(len(queries), m)
     judge = resolve_callable(ev.judge, "eval.judge") if ev.judge is not None else None
     judged = np.asarray([float(bool(judge(t))) for t in texts]).reshape(rewards.shape) if judge else None

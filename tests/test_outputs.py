@@ -85,7 +85,7 @@ def test_sampling_side_by_side_uses_the_runs_reward_and_one_seed(run, capsys):
     assert {"reference", "policy", "reference_reward", "policy_reward", "kl"} <= set(rows[0])
     saved = load_run(run)
     from rlhf_recipes.components.reward import build_reward
-    reward = build_reward(saved.recipe.reward, saved.device)
+    reward = build_reward(saved.recipe.reward, saved.device, saved.recipe.policy)
     assert reward([rows[0]["prompt"] + rows[0]["policy"]])[0] == pytest.approx(rows[0]["policy_reward"], abs=1e-5)
     # the same prompts and seed: the same samples (a batch's samples depend on what else is in it)
     assert sample.main([str(run), "This movie", "The trailer promised a lot, but", "--heldout", "2", "--json"]) == 0

@@ -106,6 +106,85 @@ def test_lora_sft_merges_its_adapters_into_a_pretrained_base(tiny_dir, data, tmp
     assert not torch.equal(merged.transformer.h[0].attn.c_attn.weight, base.transformer.h[0].attn.c_attn.weight)
 
 
+def spy_training(monkeypatch, name: str) -> list[dict]:
+    """What the stage's model looked like while trl_backend.`name` trained it."""
+    from rlhf_recipes import trl_backend
+
+    seen, train = [], getattr(trl_backend, name)
+
+    def spy(model, *args):
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        losses = train(model, *args)
+        seen.append({"precision": args[-1], "trainable": {n: p.dtype for n, p in model.named_parameters()
+                                                            if p.requires_grad},
+                     "kinds": {type(m).__name__ for m in model.modules()},
+                     "moved": sum(int((p.detach() != before[n]).sum()) for n, p in model.named_parameters()
+                                  if p.requires_grad) / sum(v.numel() for v in before.values())})
+        return losses
+
+    monkeypatch.setattr(trl_backend, name, spy)
+    return seen
+
+
+def test_a_bf16_full_sft_keeps_fp32_master_weights_under_mixed_precision(data, tmp_path, monkeypatch):
+    """Pure bf16 AdamW at 1e-5 rounds most updates away (about 15% of the weights moved in 10 steps);
+    fp32 master weights under bf16 autocast move them all, and the output is saved in bf16."""
+    seen = spy_training(monkeypatch, "train_sft")
+    recipe = staged_recipe(data, tmp_path, learning_rate=1e-5)
+    recipe = dataclasses.replace(recipe, policy=dataclasses.replace(recipe.policy, dtype="bfloat16"),
+                                 sft=dataclasses.replace(recipe.sft, epochs=1.0))
+    ppo_recipe = prepare(recipe, tmp_path, CPU, until="sft") or recipe
+    (trained,) = seen
+    assert trained["precision"]["bf16"] and set(trained["trainable"].values()) == {torch.float32}
+    assert trained["moved"] > 0.9
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "stages" / "sft", dtype="auto")
+    assert saved.dtype == torch.bfloat16 and ppo_recipe.sft is not None
+
+
+def test_an_8bit_policy_gets_qlora_sft_and_a_full_precision_merged_output(tiny_dir, tmp_path, monkeypatch):
+    seen = spy_training(monkeypatch, "train_sft")
+    recipe = apply_overrides(load_recipe("imdb_positive"), local_overrides("imdb_positive", tiny_dir) + [
+        "policy.quantization=8bit"])
+    recipe = dataclasses.replace(recipe, sft=SFT(dataset=str(tiny_dir / "imdb.jsonl"), learning_rate=1e-2,
+                                                 epochs=0.5, batch_size=16, method="lora", max_length=32, heldout=50,
+                                                 gradient_checkpointing=True),
+                                 run=dataclasses.replace(recipe.run, output_dir=str(tmp_path)))
+    ppo_recipe = prepare(recipe, tmp_path, CPU)
+    (trained,) = seen
+    assert "Linear8bitLt" in trained["kinds"]  # it trained on the quantized base, as PPO will
+    assert all("lora_" in n for n in trained["trainable"]) and set(trained["trainable"].values()) == {torch.float32}
+    assert any(v for k, v in trained["precision"].items() if k.endswith("checkpointing"))
+    record = json.loads((tmp_path / "stages" / "sft" / STAGE_FILE).read_text())
+    assert record["heldout_loss_after"] < record["heldout_loss_before"]
+    config = json.loads((tmp_path / "stages" / "sft" / "config.json").read_text())
+    assert "quantization_config" not in config  # merged into a full-precision base; PPO quantizes it again
+    merged = AutoModelForCausalLM.from_pretrained(ppo_recipe.policy.model)
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir / "gpt2")
+    assert not any("lora" in k for k in merged.state_dict())
+    moved = merged.transformer.h[0].attn.c_attn.weight - base.transformer.h[0].attn.c_attn.weight
+    assert 0 < moved.abs().max() < 1.0  # the adapters' change, not int8 rounding of the whole base
+
+
+def test_the_reward_model_trains_lora_on_a_quantized_base_when_asked(tiny_dir, data, tmp_path, monkeypatch):
+    seen = spy_training(monkeypatch, "train_reward_model")
+    recipe = staged_recipe(data, tmp_path)
+    recipe = dataclasses.replace(
+        recipe, sft=None, policy=dataclasses.replace(recipe.policy, quantization="8bit"),
+        reward_model=dataclasses.replace(recipe.reward_model, init="pretrained", model=str(tiny_dir / "gpt2"),
+                                         method="lora", epochs=1.0))
+    ppo_recipe = prepare(recipe, tmp_path, CPU)
+    (trained,) = seen
+    assert "Linear8bitLt" in trained["kinds"]
+    assert all("lora_" in n or "score" in n for n in trained["trainable"])  # adapters and the new head
+    assert any("score" in n for n in trained["trainable"])
+    assert set(trained["trainable"].values()) == {torch.float32}
+    model = AutoModelForSequenceClassification.from_pretrained(ppo_recipe.reward.model)
+    assert model.config.num_labels == 1 and not any("lora" in k for k in model.state_dict())
+    assert "quantization_config" not in json.loads((tmp_path / "stages" / "reward_model" / "config.json").read_text())
+    with pytest.raises(RecipeError, match="reward_model.quantization.*method=lora"):
+        dataclasses.replace(recipe.reward_model, method="full", quantization="8bit")
+
+
 def test_sft_batches_keep_eos_even_when_it_is_the_pad_token(tiny_dir):
     from rlhf_recipes.components.policy import load_tokenizer
     from rlhf_recipes.trl_backend.stages import _lm_batch

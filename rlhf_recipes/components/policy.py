@@ -39,13 +39,24 @@ def load_tokenizer(key: str, name: str, trust_remote_code: bool = False):
     return tok
 
 
-def quantization_config(cfg: Policy) -> BitsAndBytesConfig | None:
-    if cfg.quantization == "8bit":
+def quantization_config(quantization: str, dtype: str) -> BitsAndBytesConfig | None:
+    """bitsandbytes' settings for a base loaded in 8-bit or 4-bit (nf4, computing in `dtype`); None for none.
+    transformers keeps a model's output layer (LM head, classifier head) unquantized."""
+    if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    if cfg.quantization == "4bit":
+    if quantization == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                  bnb_4bit_compute_dtype=DTYPES[cfg.dtype], bnb_4bit_use_double_quant=True)
+                                  bnb_4bit_compute_dtype=DTYPES[dtype], bnb_4bit_use_double_quant=True)
     return None
+
+
+def no_cpu_repacking(model) -> None:
+    """bitsandbytes repacks 4-bit weights for inference on AVX512-BF16 CPUs on a first no-grad
+    forward: after that, backward through them fails, and the repacking itself fails for small
+    widths (a classifier's). Off: the weights stay as loaded."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_config(cfg: Policy):
@@ -62,7 +73,7 @@ def build_policy(cfg: Policy, device: torch.device):
     encoder_decoder = seq2seq.is_encoder_decoder(config)
     if encoder_decoder:
         seq2seq.check_policy(cfg, config)
-    quant = quantization_config(cfg)
+    quant = quantization_config(cfg.quantization, cfg.dtype)
     auto = AutoModelForSeq2SeqLM if encoder_decoder else AutoModelForCausalLM
     base = load_pretrained(
         "policy.model", auto.from_pretrained, cfg.model, config=config,
@@ -73,11 +84,7 @@ def build_policy(cfg: Policy, device: torch.device):
     if quant:
         # gradient checkpointing is the PPO section's choice; the PPO trainer switches it on
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-        for module in base.modules():
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                # bitsandbytes repacks 4-bit weights for inference on AVX512-BF16 CPUs inside
-                # generate(), after which backward through them fails
-                module.support_avx512bf16_for_cpu = False
+        no_cpu_repacking(base)
     adapted = add_lora(base, cfg)
     model = with_value_head(adapted)
     return model if quant else model.to(device)

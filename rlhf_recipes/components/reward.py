@@ -14,9 +14,9 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from ..config.recipe import resolve_callable
-from ..config.sections import RecipeError, Reward
+from ..config.sections import Policy, RecipeError, Reward
 from .loading import load_pretrained
-from .policy import load_tokenizer
+from .policy import DTYPES, load_tokenizer, no_cpu_repacking, quantization_config
 
 RewardFn = Callable[[list[str]], list[float]]
 
@@ -64,9 +64,13 @@ def check_rewards(values: object, count: int, source: str) -> list[float]:
 
 
 class ClassifierReward:
-    """Scores texts with a sequence classifier: reward = scale * score(label)."""
+    """Scores texts with a sequence classifier: reward = scale * score(label).
 
-    def __init__(self, cfg: Reward, device: torch.device):
+    It loads in reward.dtype and reward.quantization, or the policy's (`policy`; float32 and
+    none without one): stated, since transformers 4.57 loads a checkpoint in fp32 and 5.x in its
+    own dtype, and the two would score differently."""
+
+    def __init__(self, cfg: Reward, device: torch.device, policy: Policy | None = None):
         self.cfg, self.device = cfg, device
         self.tokenizer = load_tokenizer("reward.model", cfg.model)
         self.tokenizer.padding_side = "right"
@@ -77,9 +81,13 @@ class ClassifierReward:
         if kinds and not any(k.endswith("ForSequenceClassification") for k in kinds):  # else a random head
             raise RecipeError(f"reward.model {cfg.model!r} is a {kinds[0]}, not a text classifier; give a "
                               "...ForSequenceClassification model, or a Python callable as reward.function")
+        dtype = cfg.dtype or (policy.dtype if policy else "float32")
+        quant = quantization_config(cfg.quantization or (policy.quantization if policy else "none"), dtype)
         self.model = load_pretrained("reward.model", AutoModelForSequenceClassification.from_pretrained, cfg.model,
-                                     config=config)
-        self.model.to(device).eval().requires_grad_(False)
+                                     config=config, dtype=DTYPES[dtype], quantization_config=quant,
+                                     device_map={"": "cpu" if device.type == "cpu" else device} if quant else None)
+        (self.model if quant else self.model.to(device)).eval().requires_grad_(False)
+        no_cpu_repacking(self.model)
         # GPT- and Llama-style classifiers read the last token that is not the config's pad id:
         # it must be the id the tokenizer pads with, or a text's score depends on its batch
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
@@ -132,8 +140,10 @@ class FunctionReward:
         return [self.scale * v for v in values]
 
 
-def build_reward(cfg: Reward, device: torch.device) -> RewardFn:
-    return ClassifierReward(cfg, device) if cfg.model else FunctionReward(cfg)
+def build_reward(cfg: Reward, device: torch.device, policy: Policy | None = None) -> RewardFn:
+    """The recipe's reward; a classifier loads in the policy's dtype and quantization unless
+    reward.dtype and reward.quantization say otherwise."""
+    return ClassifierReward(cfg, device, policy) if cfg.model else FunctionReward(cfg)
 
 
 def reward_inputs(cfg: Reward, prompts: Sequence[str], responses: Sequence[str]) -> list[str]:

@@ -77,6 +77,11 @@ class Reward(Section):
     batch_size: int = 32
     max_length: Optional[int] = None
     """Truncate texts to this many classifier tokens; none means the classifier's own limit."""
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
+    """The classifier's dtype; none means policy.dtype (stated, so transformers 4.57 and 5.x, which
+    load a checkpoint in fp32 and in its own dtype, score alike)."""
+    quantization: Optional[Literal["none", "8bit", "4bit"]] = None
+    """Load the classifier in 8-bit or 4-bit; none means policy.quantization."""
 
     def check(self) -> None:
         if self.model and self.function is not None:

@@ -26,7 +26,10 @@ class SFT(Section):
     epochs: float
     batch_size: int
     method: Literal["lora", "full"] = "lora"
-    """lora trains policy.lora_* adapters and merges them; full trains every weight."""
+    """lora trains policy.lora_* adapters on the base as the policy loads it (in policy.dtype, or
+    8-bit or 4-bit: QLoRA) and merges them into it at full precision; full trains every weight,
+    at full precision whatever policy.quantization (fp32 master weights under mixed precision in
+    policy.dtype), and PPO quantizes the result as it loads it."""
     init: Literal["pretrained", "random"] = "pretrained"
     """random: start from policy.model's config and tokenizer with fresh weights (needs method='full')."""
     split: str = "train"
@@ -39,6 +42,11 @@ class SFT(Section):
     decoder), e.g. the prompt template of the PPO stage; none means text_column."""
     target_column: Optional[str] = None
     """Encoder-decoder policies: the column the model learns to write from the source (e.g. summary)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of keeping them (non-reentrant): less
+    memory, about a third more time. The model loads as the policy does: in policy.dtype, on its
+    8-bit or 4-bit base with LoRA on top; a full fine-tune keeps fp32 master weights under
+    mixed precision in policy.dtype."""
 
     def check(self) -> None:
         template_fields(self, "template")
@@ -79,8 +87,23 @@ class RewardModel(Section):
     """Weight of a penalty on the squared reward, which keeps rewards near 0 for PPO; none turns it off."""
     heldout: int = 200
     """Pairs kept out of training to measure the accuracy (chosen scored above rejected)."""
+    method: Literal["full", "lora"] = "full"
+    """full trains every weight (fp32 master weights, under mixed precision in the dtype); lora
+    trains policy.lora_r / lora_alpha adapters and the new score head on a frozen base, which may
+    be quantized, and merges them."""
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
+    """The classifier's dtype; none means policy.dtype."""
+    quantization: Optional[Literal["none", "8bit", "4bit"]] = None
+    """Load the base in 8-bit or 4-bit (needs method=lora); none means policy.quantization with
+    method=lora, and a full-precision base with method=full."""
+    gradient_checkpointing: bool = False
 
     def check(self) -> None:
+        self.require(self.method == "lora" or self.quantization in (None, "none"), "quantization",
+                     "needs reward_model.method=lora: a full fine-tune cannot train frozen integer weights (QLoRA "
+                     "trains adapters on them)")
+        self.require(self.init == "pretrained" or self.method == "full", "init",
+                     "random weights need reward_model.method='full' (LoRA trains only adapters on a frozen base)")
         self.require(bool(self.dataset.strip()), "dataset", "must name a Hub dataset or local file(s)")
         _positive(self, "learning_rate", "epochs", "batch_size", "max_length", "heldout")
         self.require(self.ranking_column is None or bool(self.ranking_column.strip()), "ranking_column",

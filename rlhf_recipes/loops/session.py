@@ -100,7 +100,7 @@ def load_models(run: Started) -> None:
     reward and the policy, seeded so that a run that reuses its stages is one that trained them."""
     run.trained = stages.prepare(run.recipe, run.out, run.state.device, train=run.saved is None)
     set_seed(run.recipe.run.seed)
-    run.reward_fn = build_reward(run.trained.reward, run.state.device)
+    run.reward_fn = build_reward(run.trained.reward, run.state.device, run.trained.policy)
     run.policy = build_policy(run.trained.policy, run.state.device)
 
 

@@ -32,7 +32,7 @@ from .. import trl_backend
 from ..components import seq2seq
 from ..components.data import load_preferences, load_templated, no_progress_bars
 from ..components.loading import load_pretrained
-from ..components.policy import DTYPES, add_lora, load_tokenizer
+from ..components.policy import add_lora, load_tokenizer
 from ..components.reward import model_inputs
 from ..components.rollout import evaluating
 from ..config.sections import Recipe, RecipeError
@@ -40,6 +40,7 @@ from ..reporting.console import console
 from ..reporting.trackers import trainer_settings
 from ..runtime import distributed
 from ..runtime.rundir import STAGES, atomic_dir
+from .stage_models import Precision, for_saving, load_trainable, lora_config
 
 STAGE_FILE = "stage.json"
 
@@ -95,22 +96,24 @@ def _sft(recipe: Recipe, base: str, tmp: Path | None, device: torch.device, out:
     held, train = split(rows if encoder_decoder else [r[0] for r in rows], cfg.heldout, recipe.run.seed, "sft")
     set_seed(recipe.run.seed)
     auto = AutoModelForSeq2SeqLM if encoder_decoder else AutoModelForCausalLM
-    if cfg.init == "random":
-        model = auto.from_config(config, dtype=DTYPES[policy.dtype])
+    precision = Precision(policy.dtype, policy.quantization, cfg.method, cfg.gradient_checkpointing)
+    if cfg.init == "random":  # method full: fp32 master weights
+        model = auto.from_config(config, dtype=torch.float32).to(device)
     else:
-        model = load_pretrained("policy.model", auto.from_pretrained, base, dtype=DTYPES[policy.dtype],
-                                trust_remote_code=policy.trust_remote_code)
-    model = add_lora(model.to(device), policy) if cfg.method == "lora" else model.to(device)
+        model = load_trainable("policy.model", auto, base, precision, device, None,
+                               trust_remote_code=policy.trust_remote_code)
+    if cfg.method == "lora":
+        model = add_lora(model, policy)
     measure, fit = ((seq2seq_heldout_loss, trl_backend.train_seq2seq_sft) if encoder_decoder else
                     (heldout_loss, trl_backend.train_sft))
     fitted = _fit(tmp, lambda: measure(model, tokenizer, held, cfg.max_length),
                   lambda work: fit(model, tokenizer, train, cfg, recipe.run.seed, work,
-                                   trainer_settings(recipe.run.report_to, out, "sft")))
+                                   trainer_settings(recipe.run.report_to, out, "sft"), precision.trainer_args()))
     if fitted is None:
         return {}
     before, after, losses = fitted
-    if cfg.method == "lora":
-        model = model.merge_and_unload()  # PPO adds fresh adapters on top of the merged weights
+    # PPO adds fresh adapters on top of the merged weights
+    model = for_saving(model, precision, "policy.model", auto, base, trust_remote_code=policy.trust_remote_code)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     console.print(f"sft: {len(train)} texts, held-out loss {before:.3f} -> {after:.3f} ({len(held)} texts)")
@@ -123,26 +126,43 @@ def _reward_model(recipe: Recipe, base: str, tmp: Path | None, device: torch.dev
     held, train = (flatten(g) for g in split(load_preferences("reward_model", cfg), cfg.heldout, recipe.run.seed,
                                              "reward_model"))
     set_seed(recipe.run.seed)
+    precision = reward_model_precision(recipe)
     config = load_pretrained("reward_model.model", AutoConfig.from_pretrained, base, num_labels=1)
     config.pad_token_id = tokenizer.pad_token_id  # GPT-style classifiers read the last non-pad token
+    # the policy's adapters where the classifier is the policy (after SFT, if any); PEFT's default otherwise
+    targets = recipe.policy.lora_target_modules if cfg.model is None else None
     with _quiet_transformers():  # the new score head is "newly initialized": that is the point
-        model = (AutoModelForSequenceClassification.from_config(config) if cfg.init == "random" else
-                 load_pretrained("reward_model.model", AutoModelForSequenceClassification.from_pretrained,
-                                 base, config=config))
-    model.to(device)
+        if cfg.init == "random":  # method full: fp32 master weights
+            model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32).to(device)
+        else:
+            model = load_trainable("reward_model.model", AutoModelForSequenceClassification, base, precision, device,
+                                   lora_config(recipe.policy, "SEQ_CLS", targets) if cfg.method == "lora" else None,
+                                   config=config)
     fitted = _fit(tmp, lambda: pair_accuracy(model, tokenizer, held, cfg.max_length),
                   lambda work: trl_backend.train_reward_model(model, tokenizer, train, cfg, recipe.run.seed, work,
                                                               trainer_settings(recipe.run.report_to, out,
-                                                                               "reward_model")))
+                                                                               "reward_model"),
+                                                              precision.trainer_args()))
     if fitted is None:
         return {}
     before, after, losses = fitted
+    with _quiet_transformers():
+        model = for_saving(model, precision, "reward_model.model", AutoModelForSequenceClassification, base,
+                           config=config)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     console.print(f"reward_model: {len(train)} pairs, held-out accuracy {before:.1%} -> {after:.1%} "
                   f"({len(held)} pairs)")
     return {"pairs": len(train), "heldout_accuracy_before": before, "heldout_accuracy_after": after,
             "train_losses": losses}
+
+
+def reward_model_precision(recipe: Recipe) -> Precision:
+    """How the reward_model stage loads and trains: its own dtype and quantization, or the policy's
+    (quantized only with method=lora)."""
+    cfg, policy = recipe.reward_model, recipe.policy
+    quantization = cfg.quantization or (policy.quantization if cfg.method == "lora" else "none")
+    return Precision(cfg.dtype or policy.dtype, quantization, cfg.method, cfg.gradient_checkpointing)
 
 
 def _fit(tmp: Path | None, measure, train) -> tuple[float, float, list[float]] | None:
@@ -242,10 +262,13 @@ def _fingerprint(name: str, cfg, base: str, recipe: Recipe, processes: int) -> s
               "data": _identity(cfg.dataset), "versions": [version(p) for p in ("trl", "transformers", "torch")]}
     if processes > 1:  # batch_size is per process: N processes train another model
         inputs["processes"] = processes
-    if name == "sft":  # what of the policy section SFT uses (PPO's LoRA settings only for LoRA SFT)
-        used = ("dtype", "trust_remote_code") + (("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
-                                                 if cfg.method == "lora" else ())
+    lora = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules") if cfg.method == "lora" else ()
+    if name == "sft":  # what of the policy section SFT uses (PPO's LoRA settings and quantization only for LoRA SFT)
+        used = ("dtype", "trust_remote_code") + lora + (("quantization",) if lora else ())
         inputs["policy"] = {k: recipe.to_dict()["policy"][k] for k in used}
+    else:
+        inputs["precision"] = dataclasses.asdict(reward_model_precision(recipe))
+        inputs["policy"] = {k: recipe.to_dict()["policy"][k] for k in lora}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -16,6 +16,7 @@ from ..components.data import encode_prompt, render_prompt, turn_end_id
 from ..components.rollout import end_ids
 from ..config.sections import DPO, Prompts, RecipeError
 from ..runtime import distributed
+from .stages import trainable_dtypes_kept
 
 RENAMED = {"aot_pair": "aot_unpaired"}  # TRL 0.11.4's name -> TRL 1.x's, the same loss
 _TOGGLE = trl.trainer.dpo_trainer.disable_gradient_checkpointing
@@ -118,8 +119,7 @@ def make_dpo_trainer(cfg: DPO, model, tokenizer, train: list[tuple[str, str, str
                      use_cpu=not torch.cuda.is_available(), precompute_ref_log_probs=False, disable_dropout=True,
                      # TRL 1.x's defaults turned these on; the policy's own dtype, and checkpointing as asked
                      bf16=False, fp16=False, **compat.checkpointing_args(checkpointing), padding_free=False)
-    trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
-    with no_progress_bars():
+    with no_progress_bars(), trainable_dtypes_kept(model):
         try:
             train_rows, held_rows = dataset(train), dataset(heldout) if heldout else None
         except ValueError as err:  # a tokenizer refusing a row
@@ -135,9 +135,6 @@ def make_dpo_trainer(cfg: DPO, model, tokenizer, train: list[tuple[str, str, str
     if checkpointing:  # TRL's Trainer would switch it on in train(), which our loop does not call
         compat.enable_checkpointing(trainer.model)
         trainer.model.config.use_cache = False
-    for name, p in trainer.model.named_parameters():  # TRL casts LoRA on a quantized base to bfloat16
-        if name in trainable and p.dtype != trainable[name]:
-            p.data = p.data.to(trainable[name])
     trainer.create_optimizer_and_scheduler(num_training_steps=steps)
     return trainer
 
