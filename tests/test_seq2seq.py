@@ -126,6 +126,20 @@ def test_a_seq2seq_run_trains_quietly_and_its_adapter_loads(tiny_dir, tmp_path, 
         with tuned.disable_adapter():
             assert not torch.allclose(moved, tuned(input_ids=ids, decoder_input_ids=dec).logits)
     assert main(["flan_t5_detox", f"run.output_dir={out}", "--dry-run"]) == 0
+    exported_like_the_adapter(out, tuned, tmp_path / "merged", ids, dec)
+
+
+def exported_like_the_adapter(run, tuned, target, ids, dec):
+    """The run exports (was: "Unrecognized configuration class T5Config") to a model that
+    AutoModelForSeq2SeqLM loads, with the adapter model's logits, and that generates."""
+    from rlhf_recipes import export
+
+    assert export.main([str(run), str(target)]) == 0
+    merged = AutoModelForSeq2SeqLM.from_pretrained(target).eval()
+    with torch.no_grad():
+        assert (merged(input_ids=ids, decoder_input_ids=dec).logits
+                - tuned(input_ids=ids, decoder_input_ids=dec).logits).abs().max() < 1e-5
+    assert merged.generate(input_ids=ids, max_new_tokens=3)[0, 0] == merged.config.decoder_start_token_id
 
 
 @pytest.mark.slow
@@ -139,3 +153,7 @@ def test_a_short_seq2seq_quickstart_learns_and_holds_the_kl(tmp_path):
     assert reward_gain(result) >= 1.0  # in reference standard deviations
     assert after["policy"]["judged"]["mean"] >= before["policy"]["judged"]["mean"] + 0.2
     assert 0 < after["policy"]["kl"]["mean"] <= 2 * json.loads((out / "recipe.json").read_text())["ppo"]["target"]
+    base = AutoModelForSeq2SeqLM.from_pretrained(out / "stages" / "sft")
+    tuned = PeftModel.from_pretrained(base, out / "model").eval()
+    exported_like_the_adapter(out, tuned, tmp_path / "merged", torch.tensor([[44, 105, 45, 1]]),
+                              torch.tensor([[0, 44, 105]]))

@@ -69,8 +69,9 @@ def packing_problem(model) -> str | None:
     What packing must keep, checked on rows of 5, 3, 5 and 3 tokens packed into two rows of two
     sequences each (flash attention keeps packed sequences apart only in a batch of one row,
     which a one-row probe would not see):
-    - the policy and the reference (adapters off) see the same packed rows the same way, to the
-      bit, so that the KL is exactly 0 before the first update;
+    - the same packed rows give the same numbers to the bit on every pass, so that the policy's
+      pass and the reference's (adapters off), the same model before the first update, agree and
+      the KL is exactly 0;
     - nothing of one sequence reaches the one packed behind it, and each gets about the numbers
       it gets padded, alone in its row (a model that ignores position_ids, or builds its own
       causal mask without them, fails here).
@@ -100,16 +101,18 @@ def _packing_problem(model) -> str | None:
         model(input_ids=rows(0), attention_mask=mask, logits_to_keep=1)  # padded on the right, as the padded pass does
         padded = hidden[0][1::2, :3]
         for shift in (0, 6):  # nothing of the 5-token rows may reach the 3-token rows packed behind them
-            (policy, _, _), index = packed_forward(model, {"input_ids": rows(shift), "attention_mask": mask}, lengths, 8)
+            _, index = packed_forward(model, {"input_ids": rows(shift), "attention_mask": mask}, lengths, 8)
             shorter.append(hidden[-1].flatten(0, 1)[index[1::2, :3]])
-        with _adapters_off(model):
+        with _adapters_off(model):  # the reference's pass, twice: with the adapters at zero, the policy's is this one
             (reference, _, _), _ = packed_forward(model, {"input_ids": rows(6), "attention_mask": mask}, lengths, 8)
+            (again, _, _), _ = packed_forward(model, {"input_ids": rows(6), "attention_mask": mask}, lengths, 8)
     if not close(shorter[0], shorter[1]):
         return LEAK
     if not close(shorter[0], padded):
         return "its packed rows do not get the numbers padded ones do (their positions are not their own)"
-    if not torch.equal(policy, reference):
-        return "the policy's and the reference's passes over the same packed rows differ, so the KL would not start at 0"
+    if not torch.equal(reference, again):
+        return ("two passes over the same packed rows differ (a kernel that is not deterministic), so the policy's "
+                "and the reference's would not agree to the bit and the KL would not start at 0")
     return None
 
 
