@@ -85,7 +85,7 @@ def for_saving(model, precision: Precision, key: str, auto, name: str, **kwargs)
     del model
     base = load_pretrained(key, auto.from_pretrained, name, dtype=torch.float32, **kwargs)
     fresh = get_peft_model(base, config)
-    missing = fresh.load_state_dict(adapters, strict=False).unexpected_keys
-    if missing:
-        raise RuntimeError(f"{key}: adapters that do not fit the full-precision base: {missing[:3]}")
+    unfitted = fresh.load_state_dict(adapters, strict=False).unexpected_keys
+    if unfitted:
+        raise RuntimeError(f"{key}: adapters that do not fit the full-precision base: {unfitted[:3]}")
     return fresh.merge_and_unload().to(DTYPES[precision.dtype])
