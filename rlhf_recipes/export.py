@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from .components import seq2seq
 from .components.loading import load_pretrained
 from .components.policy import DTYPES, load_config, load_tokenizer, quantization_config
 from .components.rollout import sampling_config
-from .config.sections import Policy, RecipeError
+from .config.sections import RecipeError
 from .cli import OneLineParser
 from .runtime.rundir import MODEL, RECIPE, atomic_dir
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if seq2seq.is_encoder_decoder(load_config(Policy(model=str(out)))):
+    if seq2seq.is_encoder_decoder(AutoConfig.from_pretrained(out)):
         print(f"exported a merged encoder-decoder to {out}: AutoModelForSeq2SeqLM.from_pretrained({str(out)!r}), "
               "then generate()")
     else:

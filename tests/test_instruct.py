@@ -12,7 +12,7 @@ from rlhf_recipes import DPO, Generation, Policy, Prompts, RecipeError, apply_ov
 from rlhf_recipes import trl_backend
 from rlhf_recipes.components.data import load_prompts
 from rlhf_recipes.components.policy import build_policy, load_tokenizer
-from rlhf_recipes.components.rollout import end_ids, generate
+from rlhf_recipes.components.rollout import end_ids, generate, sampling_config
 from rlhf_recipes.run import main
 
 CPU = torch.device("cpu")
@@ -114,8 +114,11 @@ def test_a_bart_policy_writes_its_forced_bos_first_and_nothing_of_its_own_genera
     responses = generate(policy, tokenizer, queries, [6, 6, 6], Generation(6, 6), CPU)
     assert all(r[:2].tolist() == [2, 0] for r in responses)  # decoder start </s>, then the forced <s>
     assert all(2 < len(r) <= 8 for r in responses)  # six tokens sampled after it, at most
-    # beams and no_repeat_ngram_size stayed out: plain sampling repeats a random model's tokens
-    assert own.num_beams == 4 and policy.pretrained_model.get_base_model().generation_config is own
+    # of the model's own config only the start and the forced BOS come over: no beams, no n-gram ban
+    config = sampling_config(Generation(6, 6), 6, tokenizer, policy)
+    assert config.forced_bos_token_id == 0 and config.decoder_start_token_id == 2
+    assert config.num_beams in (None, 1) and not config.no_repeat_ngram_size and not config.forced_eos_token_id
+    assert policy.pretrained_model.get_base_model().generation_config is own  # put back after sampling
 
 
 def test_a_bart_run_trains_and_exports_as_an_encoder_decoder(tiny_dir, tmp_path, capsys):
@@ -148,3 +151,19 @@ def test_a_bart_run_trains_and_exports_as_an_encoder_decoder(tiny_dir, tmp_path,
         from transformers import pipeline
         assert isinstance(pipeline("text2text-generation", model=str(tmp_path / "merged"))(
             "the plot was", max_new_tokens=4)[0]["generated_text"], str)
+
+
+def test_a_prompt_cut_inside_a_character_is_templated_without_the_broken_character(qwen, tmp_path):
+    """Byte-level BPE spreads an emoji or an accented letter the tokenizer never learned over several
+    byte tokens; a query length that stops among them leaves half a character, which decodes to a
+    replacement character. The chat template gets the text without it."""
+    _, tokenizer = qwen
+    rows = [{"text": f"{word} ☕ café naïve {i}"} for i, word in enumerate(["Great", "Dull", "Odd", "Fine"] * 10)]
+    write_jsonl(tmp_path / "p.jsonl", rows)
+    cut = [tokenizer.decode(tokenizer(r["text"])["input_ids"][:n]) for r in rows for n in range(4, 8)]
+    assert any(c.endswith("\ufffd") for c in cut)  # the fixture does cut inside a character
+    cfg = Prompts(dataset=str(tmp_path / "p.jsonl"), query_min_tokens=4, query_max_tokens=7, chat_template=True)
+    prompts = load_prompts(cfg, tokenizer, 4, 0)
+    decoded = [tokenizer.decode(q) for q in prompts.train + prompts.heldout]
+    assert any("☕" in d for d in decoded)  # whole characters come through
+    assert not any("\ufffd" in d for d in decoded)

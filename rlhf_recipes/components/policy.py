@@ -90,11 +90,17 @@ def build_policy(cfg: Policy, device: torch.device):
     return model if quant else model.to(device)
 
 
+def lora_config(cfg: Policy, task: str, target_modules=None) -> LoraConfig:
+    """The recipe's LoRA settings (policy.lora_*) for a model of `task` (CAUSAL_LM, SEQ_2_SEQ_LM, or
+    SEQ_CLS: a classifier's new head then trains whole); target_modules none means PEFT's default."""
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(target_modules) if target_modules else None, task_type=task)
+
+
 def add_lora(base, cfg: Policy):
     """`base` wrapped by PEFT with the recipe's LoRA adapters (which start at zero)."""
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.lora_target_modules) if cfg.lora_target_modules else None,
-                      task_type="SEQ_2_SEQ_LM" if seq2seq.is_encoder_decoder(base.config) else "CAUSAL_LM")
+    lora = lora_config(cfg, "SEQ_2_SEQ_LM" if seq2seq.is_encoder_decoder(base.config) else "CAUSAL_LM",
+                       cfg.lora_target_modules)
     try:
         return get_peft_model(base, lora)
     except ValueError as err:

@@ -32,7 +32,7 @@ from .. import trl_backend
 from ..components import seq2seq
 from ..components.data import load_preferences, load_templated, no_progress_bars
 from ..components.loading import load_pretrained
-from ..components.policy import add_lora, load_tokenizer
+from ..components.policy import add_lora, load_tokenizer, lora_config
 from ..components.reward import model_inputs
 from ..components.rollout import evaluating
 from ..config.sections import Recipe, RecipeError
@@ -40,7 +40,7 @@ from ..reporting.console import console
 from ..reporting.trackers import trainer_settings
 from ..runtime import distributed
 from ..runtime.rundir import STAGES, atomic_dir
-from .stage_models import Precision, for_saving, load_trainable, lora_config
+from .stage_models import Precision, for_saving, load_trainable
 
 STAGE_FILE = "stage.json"
 

@@ -8,6 +8,7 @@ import functools
 import torch
 
 from ..components import token_scores
+from ..components.loading import first_line
 from ..components.seq2seq import is_encoder_decoder
 
 
@@ -75,14 +76,14 @@ def packing_problem(model) -> str | None:
     - nothing of one sequence reaches the one packed behind it, and each gets about the numbers
       it gets padded, alone in its row (a model that ignores position_ids, or builds its own
       causal mask without them, fails here).
-    Both of the latter are checked to 2%, not to the bit: an 8-bit base (LLM.int8) picks its
+    The second is checked to 2%, not to the bit: an 8-bit base (LLM.int8) picks its
     outlier columns over the whole batch, so a row's numbers move slightly with its neighbours,
     padded or packed alike (models from about 6.7B up have such outliers).
     """
     try:
         return _packing_problem(model)
     except Exception as err:  # noqa: BLE001 - a custom forward, a dtype or device mismatch: the padded pass
-        return f"its forward fails on packed rows ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})"
+        return f"its forward fails on packed rows ({type(err).__name__}: {first_line(err)})"
 
 
 def _packing_problem(model) -> str | None:
@@ -103,7 +104,7 @@ def _packing_problem(model) -> str | None:
         for shift in (0, 6):  # nothing of the 5-token rows may reach the 3-token rows packed behind them
             _, index = packed_forward(model, {"input_ids": rows(shift), "attention_mask": mask}, lengths, 8)
             shorter.append(hidden[-1].flatten(0, 1)[index[1::2, :3]])
-        with _adapters_off(model):  # the reference's pass, twice: with the adapters at zero, the policy's is this one
+        with model.pretrained_model.disable_adapter():  # the reference's pass, twice: at the start, the policy's too
             (reference, _, _), _ = packed_forward(model, {"input_ids": rows(6), "attention_mask": mask}, lengths, 8)
             (again, _, _), _ = packed_forward(model, {"input_ids": rows(6), "attention_mask": mask}, lengths, 8)
     if not close(shorter[0], shorter[1]):
@@ -114,14 +115,6 @@ def _packing_problem(model) -> str | None:
         return ("two passes over the same packed rows differ (a kernel that is not deterministic), so the policy's "
                 "and the reference's would not agree to the bit and the KL would not start at 0")
     return None
-
-
-@contextlib.contextmanager
-def _adapters_off(model):
-    """The reference: `model` with its PEFT adapters off (as it is, for a model without any)."""
-    inner = model.pretrained_model
-    with inner.disable_adapter() if hasattr(inner, "disable_adapter") else contextlib.nullcontext():
-        yield
 
 
 def _probe_ids(model, n: int, start: int = 1) -> torch.Tensor:
