@@ -1,4 +1,4 @@
-"""rlhf_recipes: recipes that steer a language model on one GPU with PPO (our own) or DPO (TRL), over PEFT.
+"""rlhf_recipes: recipes that steer a language model on one GPU with PPO (our own), or DPO, GRPO and RLOO (TRL), over PEFT.
 
 A recipe is a short Python file that builds one `Recipe`; `train(recipe)` runs it.
 Importing this package is cheap: torch and TRL load only when training starts.
@@ -6,7 +6,7 @@ Importing this package is cheap: torch and TRL load only when training starts.
 The top level holds what a user runs (`python -m rlhf_recipes.run`, .evaluation, .sample,
 .export, .interpret, .frontier, .tiny, .corpus) and this API; the code sits in config/ (the
 recipe), components/ (what a recipe builds), ppo/ (classic PPO: value head, maths, step), loops/
-(PPO, DPO, the stages before them), runtime/ (the machinery of a run), reporting/ (what a run
+(PPO, DPO, GRPO and RLOO, the stages before them), runtime/ (the machinery of a run), reporting/ (what a run
 shows and writes) and trl_backend/ (the one package that imports TRL).
 """
 import importlib
@@ -16,12 +16,12 @@ import sys
 import warnings
 
 from . import quiet
-from .config import DPO, PPO, SFT, Eval, Generation, Policy, Prompts, Recipe, RecipeError, Reward, RewardModel, Run
+from .config import DPO, GRPO, PPO, RLOO, SFT, Eval, Generation, Policy, Prompts, Recipe, RecipeError, Reward, RewardModel, Run
 from .config.recipe import apply_overrides, load_recipe, shipped_recipes
 
 quiet.install()
 
-__all__ = ["DPO", "PPO", "SFT", "Eval", "Generation", "Policy", "Prompts", "Recipe", "RecipeError", "Reward", "RewardModel", "Run",
+__all__ = ["DPO", "GRPO", "PPO", "RLOO", "SFT", "Eval", "Generation", "Policy", "Prompts", "Recipe", "RecipeError", "Reward", "RewardModel", "Run",
            "apply_overrides", "load_recipe", "shipped_recipes", "train"]
 __version__ = "0.3.0"
 

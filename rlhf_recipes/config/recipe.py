@@ -162,8 +162,9 @@ def _parse(text: str, tp: Any) -> Any:
         return _BAD
     if origin is Literal:
         return text if text in args else _BAD
-    if origin is tuple:
-        return tuple(part.strip() for part in text.split(",") if part.strip())
+    if origin is tuple:  # each item parsed to the item type: 1,2 is (1.0, 2.0) for tuple[float, ...]
+        items = tuple(_parse(part.strip(), args[0]) for part in text.split(",") if part.strip())
+        return _BAD if _BAD in items else items
     if tp is bool:
         low = text.lower()
         return True if low in _TRUE else False if low in _FALSE else _BAD

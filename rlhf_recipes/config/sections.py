@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from .section import RecipeError, Section, _positive, template_fields
+from .methods import GRPO, RLOO
 from .stages import DPO, SFT, RewardModel
 
 
@@ -337,24 +338,26 @@ class Run(Section):
         self.require(self.sample_every >= 0, "sample_every", "must be >= 0")
 
 
-SECTIONS: dict[str, type] = {c.section: c for c in (Policy, Reward, Prompts, Generation, PPO, DPO, Eval, Run,
-                                                     SFT, RewardModel)}
+SECTIONS: dict[str, type] = {c.section: c for c in (Policy, Reward, Prompts, Generation, PPO, DPO, GRPO, RLOO, Eval,
+                                                     Run, SFT, RewardModel)}
 PATH_FIELDS = {"policy": ("model",), "reward": ("model",), "prompts": ("dataset",), "sft": ("dataset",),
                "reward_model": ("dataset", "model"), "dpo": ("dataset",)}
 """Fields that name a model or dataset: a Hub id, or a local path."""
 STAGES = ("sft", "reward_model")
 """Optional sections: stages that run, in this order, before PPO (or DPO)."""
-METHODS = ("ppo", "dpo")
+METHODS = ("ppo", "dpo", "grpo", "rloo")
 """The training sections: a recipe has exactly one."""
+SAMPLING_METHODS = ("ppo", "grpo", "rloo")
+"""The methods that learn from the policy's own samples, a step at a time: they count run.steps."""
 
 
 @dataclass(frozen=True)
 class Recipe:
     """A whole run: what to train, against what reward, on which prompts, and how.
 
-    The training method is the section the recipe gives, `ppo` or `dpo`: their fields have
-    nothing in common, so a method switch would leave half of each unused. Either way the
-    reward scores the evaluation, and `generation` samples it from the held-out prompts.
+    The training method is the section the recipe gives, `ppo`, `dpo`, `grpo` or `rloo`: their
+    fields have little in common, so a method switch would leave half of each unused. Whichever
+    it is, the reward scores the evaluation, and `generation` samples it from the held-out prompts.
     """
 
     name: str
@@ -365,6 +368,8 @@ class Recipe:
     run: Run
     ppo: Optional[PPO] = None
     dpo: Optional[DPO] = None
+    grpo: Optional[GRPO] = None
+    rloo: Optional[RLOO] = None
     eval: Eval = field(default_factory=Eval)
     sft: Optional[SFT] = None
     reward_model: Optional[RewardModel] = None
@@ -374,17 +379,24 @@ class Recipe:
             value = getattr(self, name)
             if not isinstance(value, cls) and not (value is None and name in STAGES + METHODS):
                 raise RecipeError(f"recipe.{name} must be a {cls.__name__}(...) section, got {type(value).__name__}")
-        if (self.ppo is None) == (self.dpo is None):
-            raise RecipeError("a recipe trains with ppo=PPO(...) or dpo=DPO(...): give exactly one"
-                              + ("" if self.ppo is None else f", not both (recipe {self.name!r})"))
-        if self.ppo is not None and self.run.steps is None:
-            raise RecipeError("run.steps is required with PPO: how many PPO steps to take")
+        given_methods = [m for m in METHODS if getattr(self, m) is not None]
+        if len(given_methods) != 1:
+            raise RecipeError("a recipe trains with ppo=PPO(...), dpo=DPO(...), grpo=GRPO(...) or rloo=RLOO(...): "
+                              "give exactly one" + (f", not {' and '.join(given_methods)} (recipe {self.name!r})"
+                                                    if given_methods else ""))
+        if self.method in SAMPLING_METHODS and self.run.steps is None:
+            raise RecipeError(f"run.steps is required with {self.method.upper()}: how many steps to take")
         given = [k for k in ("model", "function") if getattr(self.reward, k) not in ("", None)]
         if self.reward_model is not None and given:
             raise RecipeError(f"reward.{given[0]} must be unset: the reward_model stage provides the reward")
         if self.reward_model is None and not given:
             raise RecipeError("reward needs reward.model (a classifier) or reward.function (a callable), "
                               "or a reward_model stage in the recipe")
+
+    @property
+    def method(self) -> str:
+        """The training section's name: ppo, dpo, grpo or rloo."""
+        return next(m for m in METHODS if getattr(self, m) is not None)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict; callables become 'module:qualname' strings."""

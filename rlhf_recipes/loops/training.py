@@ -1,5 +1,6 @@
 """`train(recipe)`: the PPO loop, in numbered steps (generate, score, step, log, checkpoint); a
-recipe with a dpo section goes to the DPO loop (rlhf_recipes.loops.dpo) instead.
+recipe with a dpo section goes to the DPO loop (rlhf_recipes.loops.dpo) instead, and one with a
+grpo or rloo section to the critic-free loop (rlhf_recipes.loops.critic_free).
 
 This is what `python -m rlhf_recipes.run` calls, and what other projects call to train
 a recipe from Python. Under `accelerate launch` every process runs it: each generates and
@@ -32,7 +33,8 @@ __all__ = ["TrainResult", "train"]
 
 
 def train(recipe: Recipe, resume: bool = False) -> TrainResult:
-    """Train `recipe` with PPO, or with DPO if it has a dpo section (see rlhf_recipes.loops.dpo);
+    """Train `recipe` with PPO, or with DPO, GRPO or RLOO if it has that section instead
+    (rlhf_recipes.loops.dpo, rlhf_recipes.loops.critic_free);
     outputs go to recipe.run.output_dir (see rlhf_recipes.runtime.rundir).
 
     resume: continue the run in output_dir from its newest checkpoint (a new run if it has none).
@@ -42,6 +44,10 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
         from .dpo import train_dpo
 
         return train_dpo(recipe, resume)
+    if recipe.grpo is not None or recipe.rloo is not None:
+        from .critic_free import train_critic_free
+
+        return train_critic_free(recipe, resume)
     started = begin(recipe, resume)
     checkpoint.check_steps(started.saved, recipe.run.steps, started.out)
     load_models(started)
