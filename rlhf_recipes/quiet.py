@@ -27,6 +27,9 @@ _LOG_MESSAGES = {  # logger name -> substrings of records to drop
     # transformers 5.25 brings the `kernels` package, through which importing bitsandbytes on a CPU
     # with AVX512-BF16 looks for a Hub kernel; offline, it says at every start that it skips a check
     "kernels._internals.hf_hub": ["Skipping publisher trust check"],
+    # a non-finite reward, which TRL takes for a missing one: the GRPO/RLOO loop skips the batch and says so
+    "trl.trainer.grpo_trainer": ["All reward functions returned None"],
+    "trl.trainer.rloo_trainer": ["All reward functions returned None"],
 }
 
 

@@ -27,12 +27,16 @@ LOCAL = {
     "quickstart": {},  # offline already: its data ships with the package
     "quickstart_seq2seq": {},
     "quickstart_dpo": {},
+    "quickstart_grpo": {},
+    "quickstart_rloo": {},
     "flan_t5_detox": {"policy.model": "t5", "reward.model": "roberta-hate", "prompts.dataset": "dialogsum.jsonl",
                       "sft.dataset": "dialogsum.jsonl", "sft.max_length": None, "prompts.max_source_tokens": None},
 }
 # Stages cut to a few seconds (their learning is tested in test_stages.py and test_quickstart.py).
 SHORT_STAGES = {"quickstart": ["sft.epochs=0.1", "sft.heldout=50", "reward_model.epochs=0.1", "reward_model.heldout=50"],
                 "quickstart_dpo": ["sft.epochs=0.1", "sft.heldout=50", "reward_model.epochs=0.1", "reward_model.heldout=50"],
+                "quickstart_grpo": ["sft.epochs=0.1", "sft.heldout=50", "reward_model.epochs=0.1", "reward_model.heldout=50"],
+                "quickstart_rloo": ["sft.epochs=0.1", "sft.heldout=50", "reward_model.epochs=0.1", "reward_model.heldout=50"],
                 "quickstart_seq2seq": ["sft.epochs=0.1", "sft.heldout=50", "reward_model.epochs=0.1",
                                        "reward_model.heldout=50"],
                 "flan_t5_detox": ["sft.epochs=0.2", "sft.heldout=20", "sft.batch_size=8"]}

@@ -105,7 +105,7 @@ def plot(out: Path, result: dict, metrics: list[dict]) -> None:
             ax.plot(steps, [m.get(key, math.nan) for m in metrics], marker="." if len(steps) < 50 else None,
                     label="training batch")
         ax.set_title(title)
-        ax.set_xlabel("DPO step" if dpo else "PPO step")
+        ax.set_xlabel(f"{next((m.upper() for m in ('dpo', 'grpo', 'rloo') if recipe.get(m)), 'PPO')} step")
     evals = [result["before"], *result.get("during", []), result["after"]]
     for ax, key in zip(axes, ("reward", "kl")):
         ax.plot([e["step"] for e in evals], [e["policy"][key]["mean"] for e in evals], "s--", label="held-out eval")
@@ -138,12 +138,12 @@ def model_card(result: dict, recipe: dict, model_dir: Path) -> str:
             f"`{policy['model']}`" if recipe.get("sft") else f"`{policy['model']}`")
     rewarded_by = (f"`{reward['model']}`, label `{reward['label']}`" if reward.get("model") else
                    f"`{reward['function']}`" if reward.get("function") else "the reward model trained in its stage")
-    method = "DPO" if recipe.get("dpo") else "PPO"
+    method = next((m.upper() for m in ("dpo", "grpo", "rloo") if recipe.get(m)), "PPO")
     if recipe.get("dpo"):
         rewarded_by = f"preference pairs from `{recipe['dpo']['dataset']}`; evaluated with " + rewarded_by
     head = ("The value head PPO trained is in `value_head.safetensors`; it is not needed to generate." if method == "PPO"
-            else "`value_head.safetensors` is untrained (DPO has none) and kept only so the directory loads as a PPO "
-                 "run's does.")
+            else f"`value_head.safetensors` is untrained ({method} has none) and kept only so the directory loads as a "
+                 "PPO run's does.")
     return (f"# {recipe['name']}: a LoRA adapter trained with {method}\n\n"
             f"Made by rlhf_recipes from the recipe `{recipe['name']}`"
             f"{' after its ' + ' and '.join(stages) + ' stage' + ('s' if len(stages) > 1 else '') if stages else ''}. "
