@@ -1,5 +1,5 @@
 """End to end through the real CLI: each shipped recipe, pointed at tiny local models, trains
-two PPO (or DPO) steps in fp32, 8-bit and 4-bit; an existing run is never clobbered."""
+two PPO (or DPO, GRPO, RLOO) steps in fp32, 8-bit and 4-bit; an existing run is never clobbered."""
 import json
 import os
 import subprocess
@@ -22,6 +22,22 @@ TRL_KEYS = {"objective/kl", "objective/kl_coef", "objective/entropy", "ppo/loss/
 
 PPO_RECIPES = [n for n in shipped_recipes() if load_recipe(n).ppo is not None]
 DPO_RECIPES = [n for n in shipped_recipes() if load_recipe(n).dpo is not None]
+CRITIC_FREE_RECIPES = [n for n in shipped_recipes() if load_recipe(n).method in ("grpo", "rloo")]
+
+
+@pytest.mark.parametrize("name", CRITIC_FREE_RECIPES)
+def test_shipped_grpo_and_rloo_recipes_train_two_steps(name, tiny_dir, tmp_path, capsys):
+    out, method = tmp_path / "run", load_recipe(name).method
+    argv = [name, *local_overrides(name, tiny_dir), "run.steps=2", f"{method}.batch_size=4", "eval.num_prompts=16",
+            "eval.batch_size=16", "eval.every=0", "run.sample_every=1", f"run.output_dir={out}"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"{method.upper()} 2/2" in printed and "samples at step 1" in printed
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2] and metrics[0]["objective/kl"] == 0.0  # the reference, at first
+    assert metrics[0]["env/batch_size"] == 4 * getattr(load_recipe(name), method).num_generations
+    adapter = load_file(out / "model" / "adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in adapter.items())
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """GRPO and RLOO: their sections, the reward as TRL sees it, and whole runs through the real CLI
 on the tiny GPT-2 scored by the tiny DistilBERT (NEGATIVE at index 0, as in the real one)."""
+import importlib.util
 import json
 import os
 import signal
@@ -131,7 +132,9 @@ def test_a_run_starts_at_kl_0_moves_and_is_evaluated_and_reported_as_a_ppo_run_i
                                                                                      method):
     from rlhf_recipes.evaluation import main as evaluate_main
 
-    assert main([recipe_file(tmp_path, tiny_dir, method)]) == 0
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    assert main([recipe_file(tmp_path, tiny_dir, method), "eval.every=2"]
+                + (["run.report_to=tensorboard"] if tensorboard else [])) == 0
     out = tmp_path / "run"
     shown = capsys.readouterr().out
     assert f"{method.upper()} on" in shown and "held-out evaluation: reward" in shown
@@ -148,10 +151,24 @@ def test_a_run_starts_at_kl_0_moves_and_is_evaluated_and_reported_as_a_ppo_run_i
     assert result["before"]["policy"]["kl"]["mean"] == 0 and result["after"]["policy"]["kl"]["mean"] != 0
     assert (out / "report.md").exists() and (out / "training.png").exists()
     assert f"trained with {method.upper()}" in (out / "model" / "README.md").read_text()
-    assert checkpoint.latest(out).step == 4
+    assert checkpoint.latest(out).step == 4 and [e["step"] for e in result["during"]] == [2]
     assert evaluate_main([str(out)]) == 0  # re-evaluated from the saved run alone: the same figures
     again = json.loads((out / "eval.json").read_text())["after"]
     assert again["policy"]["reward"] == result["after"]["policy"]["reward"]
+    if tensorboard:  # the trackers got every step under our keys, and the evaluations
+        from test_trackers import scalars
+
+        logged, _ = scalars(out / "trackers" / f"tiny_{method}")
+        assert [s for s, _ in logged["objective/kl"]] == [1, 2, 3, 4] and [s for s, _ in logged["eval/reward"]] == [0, 2, 4]
+    # what a finished PPO run offers, a GRPO or RLOO run offers too
+    from rlhf_recipes.export import main as export_main
+    from rlhf_recipes.sample import main as sample_main
+
+    assert sample_main([str(out), "--heldout", "2"]) == 0 and "policy" in capsys.readouterr().out
+    assert export_main([str(out), str(tmp_path / "merged")]) == 0
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").config.model_type == "gpt2"
 
 
 def test_a_t5_policy_and_vllm_without_a_gpu_are_refused_in_one_line(tiny_dir, tmp_path, capsys):

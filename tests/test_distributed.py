@@ -219,10 +219,12 @@ def test_fsdp_is_refused(monkeypatch):
         distributed.deepspeed_plugin(load_recipe("quickstart").ppo)
 
 
+@pytest.mark.parametrize("name", ["quickstart_dpo", "quickstart_grpo", "quickstart_rloo"])
 @pytest.mark.parametrize("engine", ["DEEPSPEED", "FSDP"])
-def test_dpo_under_deepspeed_or_fsdp_is_refused_before_anything_is_written(engine, monkeypatch, tmp_path):
+def test_dpo_grpo_and_rloo_under_deepspeed_or_fsdp_are_refused_before_anything_is_written(engine, name, monkeypatch,
+                                                                                        tmp_path):
     monkeypatch.setenv(f"ACCELERATE_USE_{engine}", "true")
-    assert main(["quickstart_dpo", f"run.output_dir={tmp_path / 'run'}"]) == 2
+    assert main([name, f"run.output_dir={tmp_path / 'run'}"]) == 2
     assert not (tmp_path / "run").exists()
 
 
@@ -336,3 +338,49 @@ def test_a_dpo_batch_that_processes_cannot_share_equally_is_refused(tmp_path):
     assert "dpo.batch_size=6 must be a multiple of the processes times dpo.gradient_accumulation_steps (2 x 2)" \
         in done.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------- GRPO on two processes
+# the GRPO quickstart's stages cut to seconds, 4 prompts x 8 responses a step shared by 2
+# processes in two passes each, a constant learning rate (a schedule follows run.steps)
+GRPO_QUICKSTART = ["sft.epochs=0.1", "sft.heldout=50", "reward_model.epochs=0.1", "reward_model.heldout=50",
+                   "grpo.batch_size=4", "grpo.gradient_accumulation_steps=2", "grpo.lr_scheduler=constant",
+                   "eval.num_prompts=16", "eval.every=2", "run.checkpoint_every=1", "run.sample_every=0"]
+
+
+@pytest.fixture(scope="module")
+def grpo_run(tmp_path_factory):
+    """The GRPO quickstart, 3 steps shared by 2 processes, through train()."""
+    root = tmp_path_factory.mktemp("ddp_grpo")
+    out = root / "run"
+    launch(str(TESTS / "ddp_worker.py"), str(root), "quickstart_grpo", *GRPO_QUICKSTART, "run.steps=3",
+           f"run.output_dir={out}")
+    return root, out
+
+
+def test_grpo_on_two_processes_trains_identical_copies_on_the_whole_batch_and_one_process_writes(grpo_run):
+    root, out = grpo_run
+    ranks = [trainable(root / f"rank-{r}.safetensors") for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys() and all(torch.equal(v, ranks[1][k]) for k, v in ranks[0].items())
+    assert any(bool(v.abs().sum()) for k, v in ranks[0].items() if "lora_B" in k)  # it trained
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["env/batch_size"] == 32 for r in rows)  # one writer
+    assert rows[0]["objective/kl"] == 0.0 and rows[-1]["objective/kl"] != 0.0
+    saved = latest(out)
+    assert saved.step == 3 and saved.state["processes"] == 2 and len(saved.state["rng"]) == 2
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert [e["step"] for e in evaluation["during"]] == [2] and evaluation["after"]["step"] == 3
+
+
+@pytest.mark.slow
+def test_grpo_resumed_on_two_processes_continues_the_run_exactly(grpo_run, tmp_path):
+    _, uninterrupted = grpo_run
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted / "stages", out / "stages")
+    args = ["-m", "rlhf_recipes.run", "quickstart_grpo", *GRPO_QUICKSTART, f"run.output_dir={out}"]
+    launch(*args, "run.steps=2")
+    launch(*args, "run.steps=3", "--resume")
+    for name, value in load_file(out / "model" / "adapter_model.safetensors").items():
+        assert torch.equal(value, load_file(uninterrupted / "model" / "adapter_model.safetensors")[name]), name
+    timeless = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
+    assert timeless(metrics(out)) == timeless(metrics(uninterrupted))

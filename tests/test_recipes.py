@@ -29,15 +29,16 @@ def test_recipe_loads_and_validates(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_recipe_sets_every_ppo_hyperparameter_it_must(name):
     """The keywords written in the PPO(...) call, read from the source, cover every required field;
-    a DPO(...) call writes every hyperparameter out (all but where its data comes from)."""
+    a DPO, GRPO or RLOO call writes every hyperparameter out (all but where its data comes from)."""
     source = inspect.getsource(importlib.import_module(f"rlhf_recipes.recipes.{name}"))
-    method = PPO if load_recipe(name).ppo is not None else DPO
+    recipe = load_recipe(name)
+    method = type(getattr(recipe, recipe.method))
     calls = [n for n in ast.walk(ast.parse(source))
              if isinstance(n, ast.Call) and getattr(n.func, "id", "") == method.__name__]
     written = {kw.arg for kw in calls[0].keywords}
     data = {"split", "subset", "prompt_column", "chosen_column", "rejected_column", "ranking_column", "heldout"}
     required = {f.name for f in dataclasses.fields(method) if f.default is dataclasses.MISSING or
-                (method is DPO and f.name not in data)}
+                (method is not PPO and f.name not in data)}
     assert required <= written
     lines = len(source.strip().splitlines())
     assert lines <= 60, f"{name} is {lines} lines; keep recipes short"
@@ -45,7 +46,7 @@ def test_recipe_sets_every_ppo_hyperparameter_it_must(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_dry_run_prints_the_resolved_recipe(name, capsys):
-    method = "ppo" if load_recipe(name).ppo is not None else "dpo"
+    method = load_recipe(name).method
     assert main([name, f"{method}.learning_rate=2e-5", "--dry-run"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["name"] == name and printed[method]["learning_rate"] == 2e-5
