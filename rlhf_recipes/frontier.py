@@ -1,11 +1,12 @@
-"""The reward-KL frontier: PPO against DPO (or any recipes) on one task, by the same evaluation.
+"""The reward-KL frontier: PPO, DPO, GRPO and RLOO (or any recipes) on one task, by the same evaluation.
 
     python -m rlhf_recipes.frontier OUT \\
-        --sweep quickstart ppo.target=2,4,8 \\
-        --sweep quickstart_dpo dpo.beta=0.5,0.1,0.02 [--set eval.every=10 ...] [--best-of 1,2,4,8,16]
+        --sweep quickstart ppo.target=2,4,8 --sweep quickstart_dpo dpo.beta=0.5,0.1,0.02 \\
+        --sweep quickstart_grpo grpo.beta=0.2,0.04 [--set eval.every=10 ...] [--best-of 1,2,4,8,16]
 
 Each --sweep takes a recipe, the one field that trades reward against KL with its values
-(PPO: ppo.target, or ppo.init_kl_coef with ppo.adap_kl_ctrl=false; DPO: dpo.beta), and any
+(PPO: ppo.target, or ppo.init_kl_coef with ppo.adap_kl_ctrl=false; DPO: dpo.beta; GRPO and
+RLOO: grpo.beta, rloo.beta), and any
 fixed overrides; --set applies to every recipe. Every point is a normal run, evaluated as
 always: the recipe's reward and KL(policy || reference) of the policy's own samples on the
 held-out prompts, with 95% intervals, after training and at each eval.every step.
@@ -170,7 +171,7 @@ def collect(points: list[Point], statuses: dict[Path, str], ns: list[int], out: 
     rows, references, finished, judges = [], [], [], []
     for p in points:
         result = json.loads((p.out / EVAL).read_text()) if (p.out / EVAL).is_file() else {}
-        row = {"sweep": p.sweep, "method": "dpo" if p.recipe.dpo is not None else "ppo", "field": p.field,
+        row = {"sweep": p.sweep, "method": p.recipe.method, "field": p.field,
                "value": p.value, "run_dir": str(p.out), "status": statuses.get(p.out, "not run")}
         if result.get("after"):
             row["after"] = curve_point(result["after"])
