@@ -122,6 +122,8 @@ if (( REHEARSE )); then
     --also generation.compile=true "${REC[@]}"
   skip generation_pythia-1b no-cuda
   step generation_small 120 "$PY" bench/generation.py --shape tiny --tokens 8 --repeats 1 "${REC[@]}"
+  step critic_free 120 "$PY" bench/critic_free.py --shape tiny --prompts 4 --generations 4 --steps 1 --warmup 0 \
+    --rounds 1 "${REC[@]}"
 else
   step test_gpu 150 "$PY" -P -m pytest -q -p no:cacheprovider tests/test_gpu.py
   # shellcheck disable=SC2086
@@ -131,6 +133,10 @@ else
     --warmup 2 --per-prompt --also ppo.pack_rows=false --also generation.compile=true --target 0.8 "${REC[@]}"
   step generation_pythia-1b 90 "$PY" bench/generation.py --shape pythia-1b --dtype float16 "${REC[@]}"
   step generation_small 60 "$PY" bench/generation.py --shape gpt2-small "${REC[@]}"
+  # our GRPO step against TRL's GRPOTrainer on a GPU; grpo.use_vllm is tested by tests/test_gpu.py
+  # where vLLM is installed (its CUDA wheels are too large to carry in bench/wheels)
+  step critic_free 90 "$PY" bench/critic_free.py --shape gpt2-small --prompts 8 --generations 8 --steps 3 \
+    --warmup 1 --rounds 2 "${REC[@]}"
 fi
 (( RECORD )) && [[ -f bench/RESULTS.md ]] && cp bench/RESULTS.md "$OUT/RESULTS.md"
 echo "total $(( $(date +%s) - START ))s" >> "$SUMMARY"

@@ -39,3 +39,21 @@ def test_two_gpus_hold_identical_8bit_policies_each_on_its_own_gpu(tiny_dir, tmp
     assert [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)] == [["cuda:0"], ["cuda:1"]]
     ranks = [trainable(tmp_path / f"rank-{r}.safetensors") for r in (0, 1)]
     assert ranks[0] and all(torch.equal(v, ranks[1][k]) for k, v in ranks[0].items())
+
+
+@pytest.mark.parametrize("method, quantization", [("grpo", "8bit"), ("rloo", "4bit")])
+def test_grpo_and_rloo_train_on_cuda_from_kl_0(method, quantization, tiny_dir, tmp_path):
+    from test_critic_free import recipe_file
+
+    assert main([recipe_file(tmp_path, tiny_dir, method), f"policy.quantization={quantization}", "run.steps=2"]) == 0
+    metrics = read_metrics(tmp_path / "run")
+    assert metrics[0]["objective/kl"] == 0.0 and metrics[1]["objective/kl"] != 0.0
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("vllm"), reason="needs vLLM (pip install vllm)")
+def test_grpo_samples_with_vllm_in_colocate_mode(tiny_dir, tmp_path):
+    from test_critic_free import recipe_file
+
+    assert main([recipe_file(tmp_path, tiny_dir, "grpo"), "grpo.use_vllm=true", "run.steps=2"]) == 0
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics] == [1, 2] and "grpo/sampling/sampling_logp_difference/mean" in metrics[0]

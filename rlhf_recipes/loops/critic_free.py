@@ -105,7 +105,7 @@ def train_critic_free(recipe: Recipe, resume: bool = False) -> TrainResult:
             #    of seed and step; each process answers its share), scored by the recipe's reward and
             #    the reference, advantages from each prompt's group
             batch = trl_backend.sample_and_score(trainer, batch_indices(len(prompts.train), cfg.batch_size, step,
-                                                                         run.seed))
+                                                                         run.seed), step)
             t1 = time.perf_counter()
 
             # 2. update: num_iterations optimizer steps with TRL's loss, the gradients averaged over

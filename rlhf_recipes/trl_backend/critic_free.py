@@ -145,11 +145,13 @@ def record_log_probs(trainer) -> None:
     trainer._get_per_token_logps_and_entropies = recorded
 
 
-def sample_and_score(trainer, indices: list[int]) -> dict:
-    """This process's share of a step: num_generations responses to each prompt of `indices` (all
-    processes' prompts, in order), sampled, scored by the reward and the reference, and the
-    advantages from each prompt's group; TRL's metrics of it stay in trainer._metrics."""
+def sample_and_score(trainer, indices: list[int], step: int) -> dict:
+    """This process's share of step `step` (0-based): num_generations responses to each prompt of
+    `indices` (all processes' prompts, in order), sampled, scored by the reward and the reference,
+    and the advantages from each prompt's group; TRL's metrics of it stay in trainer._metrics."""
     n, (rank, processes) = trainer.num_generations, distributed.world()
+    # the updates so far: vLLM's copy of the weights is refreshed when this moves (use_vllm)
+    trainer.state.global_step = step * trainer.num_iterations
     rows = [{"prompt": str(i)} for i in indices for _ in range(n)]
     share = len(rows) // processes
     trainer.recorded.clear()
