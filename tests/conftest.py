@@ -87,3 +87,74 @@ def prefs(tiny_dir, tmp_path_factory):
     write_jsonl(root / "ranked.jsonl", [{"prompt": r["prompt"], "answers": [r["chosen"], "and then", r["rejected"]]}
                                         for r in pairs])
     return root
+
+
+# ---------------------------------------------------------------------------- stopping and resuming runs
+def start_run(argv):
+    """`python -m rlhf_recipes.run ARGV` in the background, offline; stderr kept for the test."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "rlhf_recipes.run", *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def wait_for_steps(proc, out, n):
+    """Until OUT/metrics.jsonl holds n steps (the process must still be running)."""
+    import time
+
+    from rlhf_recipes.runtime.rundir import read_metrics
+
+    deadline = time.monotonic() + 240
+    while not (out / "metrics.jsonl").exists() or len(read_metrics(out)) < n:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+        time.sleep(0.01)
+
+
+def resumed_run_matches(whole, cut, argv: list[str]) -> list[dict]:
+    """Recipe file `whole` run through, and `cut` (the same recipe, slowed) killed after step 3
+    (past a step-2 checkpoint), resumed, stopped by SIGTERM, and resumed to the end: the two
+    runs' per-step metrics (times aside) and adapters agree exactly. Both write to the run/
+    beside their recipe file; returns their eval.json "after" records."""
+    import signal
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    from rlhf_recipes.run import main
+    from rlhf_recipes.runtime import checkpoint
+    from rlhf_recipes.runtime.rundir import read_metrics
+
+    runs = [Path(whole).parent / "run", Path(cut).parent / "run"]
+    assert main([whole, *argv]) == 0
+    proc = start_run([cut, *argv])
+    wait_for_steps(proc, runs[1], 3)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL
+    proc = start_run([cut, *argv, "--resume"])  # resumed, then stopped again, by SIGTERM this time
+    wait_for_steps(proc, runs[1], 4)  # past what it rewrites from the checkpoint's records
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and err.strip().splitlines()[-1].endswith("--resume"), err
+    assert checkpoint.latest(runs[1]).step == len(read_metrics(runs[1]))
+    assert main([cut, *argv, "--resume"]) == 0
+
+    def learned(records):
+        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records]
+
+    assert learned(read_metrics(runs[1])) == learned(read_metrics(runs[0]))  # exactly
+    a, b = (load_file(r / "model" / "adapter_model.safetensors") for r in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return [json.loads((r / "eval.json").read_text())["after"] for r in runs]
+
+
+def skipped_batches_changed_nothing(out, saved) -> bool:
+    """Whether the trainable parameters of checkpoint `saved` equal those of step 1's, in OUT."""
+    import torch
+    from safetensors.torch import load_file
+
+    step1 = load_file(out / "checkpoints" / "step-00000001" / "tensors.safetensors")
+    later = load_file(saved.path / "tensors.safetensors")
+    params = [k for k in step1 if k.startswith("trainer/params/")]
+    return bool(params) and all(torch.equal(step1[k], later[k]) for k in params)

@@ -2,16 +2,13 @@
 on the tiny GPT-2 scored by the tiny DistilBERT (NEGATIVE at index 0, as in the real one)."""
 import importlib.util
 import json
-import os
-import signal
-import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from conftest import resumed_run_matches, skipped_batches_changed_nothing
 from rlhf_recipes import GRPO, RLOO, Recipe, RecipeError, Run
 from rlhf_recipes.config.recipe import apply_overrides, load_recipe
 from rlhf_recipes.runtime import checkpoint
@@ -26,7 +23,8 @@ def recipe_file(tmp_path, tiny_dir, method: str = "grpo", slow: bool = False, po
     path = tmp_path / f"tiny_{method}.py"
     path.write_text(textwrap.dedent(f"""
         import time
-        from rlhf_recipes import GRPO, RLOO, Eval, Generation, Policy, Prompts, Recipe, Reward, Run
+        from conftest import resumed_run_matches, skipped_batches_changed_nothing
+from rlhf_recipes import GRPO, RLOO, Eval, Generation, Policy, Prompts, Recipe, Reward, Run
         from rlhf_recipes import trl_backend
         if {slow}:
             _update = trl_backend.critic_free_update
@@ -202,24 +200,9 @@ def test_non_finite_rewards_are_skipped_and_stop_the_run_with_a_checkpoint(tiny_
     assert err.out.count("non-finite reward, loss or gradient, batch skipped") == 2
     saved = checkpoint.latest(tmp_path / "run")
     assert saved.step == 3 and saved.state["skipped"] == 2 and [r["step"] for r in read_metrics(tmp_path / "run")] == [1]
-    step1 = load_file(tmp_path / "run" / "checkpoints" / "step-00000001" / "tensors.safetensors")
-    step3 = load_file(saved.path / "tensors.safetensors")
-    params = [k for k in step1 if k.startswith("trainer/params/")]
-    assert params and all(torch.equal(step1[k], step3[k]) for k in params)  # the skipped batches changed nothing
+    assert skipped_batches_changed_nothing(tmp_path / "run", saved)  # the skipped batches changed nothing
 
 
-def _start(argv):
-    return subprocess.Popen([sys.executable, "-m", "rlhf_recipes.run", *argv], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-
-
-def _wait_for_steps(proc, out, n):
-    import time
-
-    deadline = time.monotonic() + 240
-    while not (out / "metrics.jsonl").exists() or len(read_metrics(out)) < n:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "timeout"
-        time.sleep(0.01)
 
 
 @pytest.mark.slow
@@ -227,30 +210,9 @@ def _wait_for_steps(proc, out, n):
 def test_a_run_resumes_after_sigkill_to_the_same_result_and_stops_cleanly_on_sigterm(tiny_dir, tmp_path, method):
     whole_dir, cut_dir = tmp_path / "whole", tmp_path / "cut"
     whole_dir.mkdir(), cut_dir.mkdir()
-    extra = ["run.steps=6", f"{method}.num_iterations=2"]  # two updates a step: old log-probs, a real clip
-    assert main([recipe_file(whole_dir, tiny_dir, method), *extra]) == 0
-
-    path = recipe_file(cut_dir, tiny_dir, method, slow=True)
-    out = cut_dir / "run"
-    proc = _start([path, *extra])
-    _wait_for_steps(proc, out, 3)  # past the step-2 checkpoint
-    proc.kill()
-    assert proc.wait() == -signal.SIGKILL
-    proc = _start([path, *extra, "--resume"])  # resumed, then stopped again, by SIGTERM this time
-    _wait_for_steps(proc, out, 4)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM and err.strip().splitlines()[-1].endswith("--resume"), err
-    assert checkpoint.latest(out).step == len(read_metrics(out)) < 6
-    assert main([path, *extra, "--resume"]) == 0
-
-    def learned(records):
-        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records]
-
-    assert learned(read_metrics(out)) == learned(read_metrics(whole_dir / "run"))  # exactly
-    a, b = (load_file(d / "run" / "model" / "adapter_model.safetensors") for d in (whole_dir, cut_dir))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    after = [json.loads((d / "run" / "eval.json").read_text())["after"] for d in (whole_dir, cut_dir)]
+    # two updates a step: the old log-probs are scored, and the clip acts
+    after = resumed_run_matches(recipe_file(whole_dir, tiny_dir, method), recipe_file(cut_dir, tiny_dir, method, slow=True),
+                                ["run.steps=6", f"{method}.num_iterations=2"])
     assert after[0]["policy"] == after[1]["policy"]
 
 

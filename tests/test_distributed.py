@@ -63,6 +63,13 @@ def trainable(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("pretrained_model.").replace(".default", ""): v for k, v in load_file(path).items()}
 
 
+def identical_trained_copies(root: Path) -> bool:
+    """Whether both processes' dumped parameters are equal, and their LoRA moved from its start."""
+    ranks = [trainable(root / f"rank-{r}.safetensors") for r in (0, 1)]
+    return ranks[0].keys() == ranks[1].keys() and all(torch.equal(v, ranks[1][k]) for k, v in ranks[0].items()) \
+        and any(bool(v.abs().sum()) for k, v in ranks[0].items() if "lora_B" in k)
+
+
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -291,9 +298,7 @@ def dpo_run(tmp_path_factory):
 
 def test_dpo_on_two_processes_trains_identical_copies_and_one_process_writes(dpo_run):
     root, out = dpo_run
-    ranks = [trainable(root / f"rank-{r}.safetensors") for r in (0, 1)]
-    assert ranks[0].keys() == ranks[1].keys() and all(torch.equal(v, ranks[1][k]) for k, v in ranks[0].items())
-    assert any(bool(v.abs().sum()) for k, v in ranks[0].items() if "lora_B" in k)  # it trained
+    assert identical_trained_copies(root)
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["rewards/margins"] > 0  # one writer
     saved = latest(out)
@@ -302,17 +307,21 @@ def test_dpo_on_two_processes_trains_identical_copies_and_one_process_writes(dpo
     assert [e["step"] for e in evaluation["during"]] == [2] and evaluation["after"]["step"] == 3
 
 
-def test_dpo_resumed_on_two_processes_continues_the_run_exactly(dpo_run, tmp_path):
-    _, uninterrupted = dpo_run
-    out = tmp_path / "run"
+def resumes_exactly(name: str, overrides: list[str], uninterrupted: Path, out: Path) -> bool:
+    """Whether `name` with `overrides` on two processes, stopped after step 2 and resumed to step 3
+    in `out`, ends where the `uninterrupted` 3-step run did: adapter and per-step metrics (times aside)."""
     shutil.copytree(uninterrupted / "stages", out / "stages")
-    args = ["-m", "rlhf_recipes.run", "quickstart_dpo", *DPO_QUICKSTART, f"run.output_dir={out}"]
+    args = ["-m", "rlhf_recipes.run", name, *overrides, f"run.output_dir={out}"]
     launch(*args, "run.steps=2")
     launch(*args, "run.steps=3", "--resume")
-    for name, value in load_file(out / "model" / "adapter_model.safetensors").items():
-        assert torch.equal(value, load_file(uninterrupted / "model" / "adapter_model.safetensors")[name]), name
+    a, b = (load_file(d / "model" / "adapter_model.safetensors") for d in (out, uninterrupted))
     timeless = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
-    assert timeless(metrics(out)) == timeless(metrics(uninterrupted))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) and \
+        timeless(metrics(out)) == timeless(metrics(uninterrupted))
+
+
+def test_dpo_resumed_on_two_processes_continues_the_run_exactly(dpo_run, tmp_path):
+    assert resumes_exactly("quickstart_dpo", DPO_QUICKSTART, dpo_run[1], tmp_path / "run")
 
 
 def test_dpo_on_two_processes_makes_one_processs_update_over_two_passes(tiny_dir, prefs, tmp_path):
@@ -360,9 +369,7 @@ def grpo_run(tmp_path_factory):
 
 def test_grpo_on_two_processes_trains_identical_copies_on_the_whole_batch_and_one_process_writes(grpo_run):
     root, out = grpo_run
-    ranks = [trainable(root / f"rank-{r}.safetensors") for r in (0, 1)]
-    assert ranks[0].keys() == ranks[1].keys() and all(torch.equal(v, ranks[1][k]) for k, v in ranks[0].items())
-    assert any(bool(v.abs().sum()) for k, v in ranks[0].items() if "lora_B" in k)  # it trained
+    assert identical_trained_copies(root)
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["env/batch_size"] == 32 for r in rows)  # one writer
     assert rows[0]["objective/kl"] == 0.0 and rows[-1]["objective/kl"] != 0.0
@@ -374,13 +381,4 @@ def test_grpo_on_two_processes_trains_identical_copies_on_the_whole_batch_and_on
 
 @pytest.mark.slow
 def test_grpo_resumed_on_two_processes_continues_the_run_exactly(grpo_run, tmp_path):
-    _, uninterrupted = grpo_run
-    out = tmp_path / "run"
-    shutil.copytree(uninterrupted / "stages", out / "stages")
-    args = ["-m", "rlhf_recipes.run", "quickstart_grpo", *GRPO_QUICKSTART, f"run.output_dir={out}"]
-    launch(*args, "run.steps=2")
-    launch(*args, "run.steps=3", "--resume")
-    for name, value in load_file(out / "model" / "adapter_model.safetensors").items():
-        assert torch.equal(value, load_file(uninterrupted / "model" / "adapter_model.safetensors")[name]), name
-    timeless = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
-    assert timeless(metrics(out)) == timeless(metrics(uninterrupted))
+    assert resumes_exactly("quickstart_grpo", GRPO_QUICKSTART, grpo_run[1], tmp_path / "run")

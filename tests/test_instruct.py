@@ -1,7 +1,6 @@
 """Instruct models and encoder-decoders that start their own way, on tiny models built to trigger it:
 a Qwen2 with ChatML's template whose generation config names two end tokens (<|im_end|> and
 the tokenizer's EOS <|endoftext|>), and a BART that is forced to write <s> first."""
-import dataclasses
 import json
 
 import pytest

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from rlhf_recipes import DPO, PPO, Recipe, load_recipe, shipped_recipes
+from rlhf_recipes import PPO, Recipe, load_recipe, shipped_recipes
 from rlhf_recipes.run import main
 
 NAMES = shipped_recipes()
