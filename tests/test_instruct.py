@@ -166,3 +166,43 @@ def test_a_prompt_cut_inside_a_character_is_templated_without_the_broken_charact
     decoded = [tokenizer.decode(q) for q in prompts.train + prompts.heldout]
     assert any("☕" in d for d in decoded)  # whole characters come through
     assert not any("\ufffd" in d for d in decoded)
+
+
+def test_grpo_samples_from_the_templated_prompt_tokens_and_stops_at_the_end_of_turn(qwen, tiny_dir, tmp_path):
+    """TRL gets PPO's templated prompt ids as they are (no second tokenization, no second BOS), and
+    its responses end at <|im_end|>, which the model's generation config names beside the EOS."""
+    from rlhf_recipes import GRPO
+    from rlhf_recipes.components.reward import FunctionReward
+    from rlhf_recipes.config.sections import Reward
+
+    policy, tokenizer = qwen
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    cfg = Prompts(dataset=str(tiny_dir / "imdb.jsonl"), query_min_tokens=2, query_max_tokens=4, chat_template=True,
+                  system=SYSTEM)
+    prompts = load_prompts(cfg, tokenizer, 4, 0)
+    reward_cfg = Reward(function=lambda texts: [float(len(t)) for t in texts], input="response")
+    reward = trl_backend.RecipeReward(FunctionReward(reward_cfg), reward_cfg, tokenizer, prompts.train)
+    grpo = GRPO(learning_rate=1e-3, batch_size=4, num_generations=4, beta=0.1, epsilon=0.2, temperature=1.0,
+                loss_type="grpo", scale_rewards="group")
+    trainer = trl_backend.make_critic_free_trainer(grpo, Generation(4, 12), policy.pretrained_model, tokenizer,
+                                                   prompts.train, reward, 1, 0, tmp_path, 1)
+    assert im_end in trainer.eos_token_ids
+    lm_head = policy.pretrained_model.get_base_model().lm_head
+    hook = lm_head.register_forward_hook(lambda m, i, logits: logits.index_add(
+        -1, torch.tensor([im_end]), torch.full((*logits.shape[:-1], 1), 3.0)))  # the turn ends often
+    try:
+        torch.manual_seed(0)
+        batch = trl_backend.sample_and_score(trainer, [0, 1, 2, 3], 0)
+    finally:
+        hook.remove()
+    asked = [i for i in range(4) for _ in range(4)]  # each prompt num_generations times, in order
+    for row, mask, i in zip(batch["prompt_ids"], batch["prompt_mask"], asked):
+        assert row[mask.bool()].tolist() == prompts.train[i].tolist()  # PPO's prompt tokens, left-padded
+    ended = 0
+    for ids, mask in zip(batch["completion_ids"], batch["completion_mask"]):
+        kept = ids[mask.bool()].tolist()
+        if im_end in kept:
+            ended += 1
+            assert kept.index(im_end) == len(kept) - 1  # nothing after the end of the turn is trained on
+    assert ended
+    assert len(reward.texts[1]) == 16 and not any("<|im_end|>" in r for r in reward.texts[1])  # the reply alone
