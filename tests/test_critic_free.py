@@ -23,8 +23,7 @@ def recipe_file(tmp_path, tiny_dir, method: str = "grpo", slow: bool = False, po
     path = tmp_path / f"tiny_{method}.py"
     path.write_text(textwrap.dedent(f"""
         import time
-        from conftest import resumed_run_matches, skipped_batches_changed_nothing
-from rlhf_recipes import GRPO, RLOO, Eval, Generation, Policy, Prompts, Recipe, Reward, Run
+        from rlhf_recipes import GRPO, RLOO, Eval, Generation, Policy, Prompts, Recipe, Reward, Run
         from rlhf_recipes import trl_backend
         if {slow}:
             _update = trl_backend.critic_free_update
@@ -94,6 +93,26 @@ def test_a_recipe_has_one_method_and_grpo_fields_override_like_any_other(tmp_pat
         apply_overrides(quick, ["grpo.kl_coef=0.1"])
     with pytest.raises(RecipeError, match="recipe 'quickstart_grpo' has no rloo stage"):
         apply_overrides(quick, ["rloo.beta=0.1"])
+
+
+@pytest.mark.parametrize("method, args, message", [
+    ("grpo", ["grpo.num_generations=1"], "grpo.num_generations must be >= 2: the baseline is taken from the other"),
+    ("grpo", ["grpo.gradient_accumulation_steps=3"], "grpo.gradient_accumulation_steps must divide the 16 samples"),
+    ("grpo", ["grpo.beta=-1"], "grpo.beta must be finite and >= 0"),
+    ("grpo", ["grpo.loss_type=ppo"], "grpo.loss_type expects one of 'grpo'"),
+    ("grpo", ["grpo.lr=1"], "unknown override key 'grpo.lr'; did you mean grpo.learning_rate?"),
+    ("grpo", ["ppo.learning_rate=1"], "recipe 'tiny_grpo' has no ppo stage"),
+    ("grpo", ["run.steps=none"], "run.steps is required with GRPO"),
+    ("rloo", ["rloo.reward_clip_range=5"], "rloo.reward_clip_range must be two numbers, low then high"),
+    ("rloo", ["rloo.normalize_advantages=maybe"], "rloo.normalize_advantages expects true/false, got 'maybe'"),
+    ("rloo", ["rloo.temperature=0"], "rloo.temperature must be > 0"),
+])
+def test_bad_grpo_and_rloo_input_is_one_line_exit_2_and_writes_nothing(tiny_dir, tmp_path, capsys, method, args,
+                                                                        message):
+    assert main([recipe_file(tmp_path, tiny_dir, method), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and message in err, err
+    assert not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------------------- the reward as TRL sees it
@@ -167,6 +186,11 @@ def test_a_run_starts_at_kl_0_moves_and_is_evaluated_and_reported_as_a_ppo_run_i
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").config.model_type == "gpt2"
+    if method == "grpo":  # and what changed inside the model
+        from rlhf_recipes.interpret import main as interpret_main
+
+        assert interpret_main([str(out), "--batch-size", "8"]) == 0
+        assert json.loads((out / "interpret" / "interpret.json").read_text())["num_prompts"] > 0
 
 
 def test_a_t5_policy_and_vllm_without_a_gpu_are_refused_in_one_line(tiny_dir, tmp_path, capsys):

@@ -28,7 +28,7 @@ class _OurPrompts:
     """A trainer whose prompts are indices into `queries` (PPO's prompt token ids), tokenized by
     nothing: TRL would re-tokenize a decoded text, which need not give the same tokens back."""
 
-    queries: list[torch.Tensor] = []
+    queries: list[torch.Tensor]  # set by make_trainer
 
     def _tokenize_prompts(self, prompts: list):
         return [self.queries[int(i)].tolist() for i in prompts], None, {}
@@ -185,7 +185,7 @@ def update(trainer, batch: dict) -> dict[str, float] | None:
     if distributed.any_process(not all_finite(trainer.reward_funcs[0].last)):
         return None
     params = [p for p in trainer.model.parameters() if p.requires_grad]
-    state = _params_and_optimizer(trainer, params)
+    state = _before_update(trainer)
     losses, norms, rates, kls = [], [], [], []
     for iteration in range(trainer.num_iterations):
         losses.append(0.0)
@@ -195,7 +195,7 @@ def update(trainer, batch: dict) -> dict[str, float] | None:
             trainer.recorded.clear()
             loss = trainer.compute_loss(trainer.model, chunk)
             if distributed.any_process(not bool(torch.isfinite(loss))):
-                return _undo(trainer, params, state)
+                return _undo(trainer, state)
             loss.backward()
             losses[-1] += float(loss.detach())  # scaled by TRL so that the passes add up to the update's loss
             if kl is None and iteration == 0 and "ref_per_token_logps" in chunk:  # GRPO, before its first update
@@ -207,7 +207,7 @@ def update(trainer, batch: dict) -> dict[str, float] | None:
         distributed.average([p.grad for p in params])  # as DDP would: every process steps alike
         norm = float(torch.nn.utils.clip_grad_norm_(params, trainer.args.max_grad_norm or float("inf")))
         if not torch.isfinite(torch.tensor(norm)):
-            return _undo(trainer, params, state)
+            return _undo(trainer, state)
         rates.append(trainer.lr_scheduler.get_last_lr()[0])
         trainer.optimizer.step()
         trainer.lr_scheduler.step()
@@ -223,8 +223,8 @@ def update(trainer, batch: dict) -> dict[str, float] | None:
     return out
 
 
-def _params_and_optimizer(trainer, params) -> tuple | None:
-    """What an update with num_iterations > 1 changes before it can fail: kept to undo it."""
+def _before_update(trainer) -> dict | None:
+    """What a step with num_iterations > 1 changes before its last check: kept to undo it."""
     if trainer.num_iterations == 1:
         return None  # one optimizer step, taken only after every check passed
     from ..runtime.trainer_state import trainer_state
@@ -232,7 +232,7 @@ def _params_and_optimizer(trainer, params) -> tuple | None:
     return trainer_state(trainer)
 
 
-def _undo(trainer, params, state: dict | None) -> None:
+def _undo(trainer, state: dict | None) -> None:
     trainer.optimizer.zero_grad(set_to_none=True)
     if state is not None:
         from ..runtime.trainer_state import load_trainer_state
