@@ -158,3 +158,23 @@ def skipped_batches_changed_nothing(out, saved) -> bool:
     later = load_file(saved.path / "tensors.safetensors")
     params = [k for k in step1 if k.startswith("trainer/params/")]
     return bool(params) and all(torch.equal(step1[k], later[k]) for k in params)
+
+
+@pytest.fixture(scope="session")
+def quickstart_stages(tmp_path_factory):
+    """The quickstarts' SFT and reward model, trained once as SHORT_QUICKSTART shortens them (2 SFT
+    epochs, 1 reward-model epoch): every quickstart (PPO, DPO, GRPO, RLOO) shares these stages,
+    and `run_dir_with_stages` hands them to a run, as the frontier does."""
+    from rlhf_recipes.run import main
+
+    root = tmp_path_factory.mktemp("quickstart_stages")
+    assert main(["quickstart", "sft.epochs=2", "reward_model.epochs=1", f"run.output_dir={root}",
+                 "--stage", "reward_model"]) == 0
+    return root / "stages"
+
+
+def run_dir_with_stages(out, stages):
+    """`out`, made, holding only a link to the trained `stages` (which a run reuses while its inputs agree)."""
+    out.mkdir(parents=True)
+    (out / "stages").symlink_to(stages, target_is_directory=True)
+    return out

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import resumed_run_matches, skipped_batches_changed_nothing
+from conftest import resumed_run_matches, run_dir_with_stages, skipped_batches_changed_nothing
 from rlhf_recipes import DPO, RecipeError, apply_overrides, load_recipe
 from rlhf_recipes.runtime import checkpoint
 from rlhf_recipes.config.stages import RewardModel
@@ -309,8 +309,8 @@ def test_dpo_trains_a_lora_policy_on_a_quantized_base(tiny_dir, prefs, tmp_path,
 
 
 @pytest.mark.slow
-def test_the_dpo_quickstart_learns_on_the_ppo_quickstarts_scale(tmp_path):
-    out = tmp_path / "quickstart_dpo"
+def test_the_dpo_quickstart_learns_on_the_ppo_quickstarts_scale(tmp_path, quickstart_stages):
+    out = run_dir_with_stages(tmp_path / "quickstart_dpo", quickstart_stages)
     assert main(["quickstart_dpo", "sft.epochs=2", "reward_model.epochs=1", "eval.num_prompts=64",
                  "eval.batch_size=64", "eval.every=0", f"run.output_dir={out}"]) == 0
     result = json.loads((out / "eval.json").read_text())

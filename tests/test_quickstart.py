@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHORT_QUICKSTART
+from conftest import SHORT_QUICKSTART, run_dir_with_stages
 from rlhf_recipes.reporting.report import reward_gain
 from rlhf_recipes.run import main
 
 @pytest.mark.slow
-def test_a_short_quickstart_learns_and_holds_the_kl(tmp_path):
-    out = tmp_path / "quickstart"
+def test_a_short_quickstart_learns_and_holds_the_kl(tmp_path, quickstart_stages):
+    out = run_dir_with_stages(tmp_path / "quickstart", quickstart_stages)
     assert main(["quickstart", *SHORT_QUICKSTART, f"run.output_dir={out}"]) == 0
     result = json.loads((out / "eval.json").read_text())
     before, after = result["before"], result["after"]
