@@ -87,17 +87,22 @@ def _run_stages(recipe, until: str) -> int:
         raise RecipeError(f"--stage {until}: recipe {recipe.name!r} has no {until} stage")
     distributed.deepspeed_plugin(recipe.ppo)  # ZeRO-3 and FSDP are refused here too
     check_output_dir(Path(recipe.run.output_dir), overwrite=False, resume=True)  # a run's directory is fine
+    distributed.check_shared(Path(recipe.run.output_dir))
     prepare(recipe, Path(recipe.run.output_dir), distributed.init().device, until=until)
     return 0
 
 
 def resume_command(argv: list[str] | None) -> str:
-    """The command line that continues this run (under accelerate launch with as many processes)."""
+    """The command line that continues this run (under accelerate launch with as many processes;
+    on several machines, each machine's own launch command with --resume added)."""
     args = [a for a in (sys.argv[1:] if argv is None else argv)
             if a != "--resume" and not a.startswith("run.overwrite=")]  # resuming never overwrites
     processes = int(os.environ.get("WORLD_SIZE", "1"))
+    command = shlex.join(["-m", "rlhf_recipes.run", *args, "--resume"])
+    if processes > 1 and os.environ.get("LOCAL_WORLD_SIZE", str(processes)) != str(processes):  # several machines
+        return f"on every machine, the accelerate launch command it was started with, ending {command}"
     launcher = ["python"] if processes == 1 else ["accelerate", "launch", "--num_processes", str(processes)]
-    return shlex.join([*launcher, "-m", "rlhf_recipes.run", *args, "--resume"])
+    return shlex.join(launcher) + " " + command
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Two CPU processes over gloo under the real `accelerate launch`: DDP as it runs on several GPUs.
+"""Two CPU processes over gloo under the real `accelerate launch`: DDP as it runs on several GPUs,
+and on several machines (two machines of one process each, on the loopback address).
 
 Each launch costs about 35 s (two processes importing TRL on two cores), so the runs are
 shared: one quickstart run through the Python API (tests/ddp_worker.py, which dumps each
@@ -58,6 +59,31 @@ def launch(*args: str, env: dict | None = None, launcher: tuple = ("--multi_gpu"
     return done
 
 
+def machines(args_for: list[list[str]]) -> list[subprocess.Popen]:
+    """Two machines of one process each, on the loopback address: a launcher a machine, started
+    together (`--num_machines 2 --machine_rank R --main_process_ip 127.0.0.1`); args_for[R] is
+    machine R's command after the launcher's options. What several machines add to several
+    processes: each launcher has its own command line, and its own view of the filesystem."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    return [subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+         "--mixed_precision", "no", "--dynamo_backend", "no", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT) for rank, args in enumerate(args_for)]
+
+
+def on_two_machines(*args: str, succeeds: bool = True) -> list[str]:
+    """`args` on both machines of `machines`, waited for; each launcher's stdout + stderr."""
+    procs = machines([list(args), list(args)])
+    done = [(p.returncode, out + err) for p in procs for out, err in [p.communicate(timeout=600)]]
+    assert all((code == 0) == succeeds for code, _ in done), done[0][1][-3000:] + done[1][1][-3000:]
+    return [text for _, text in done]
+
+
 def trainable(path: Path) -> dict[str, torch.Tensor]:
     """LoRA and value-head tensors, named as the saved adapter names them."""
     return {k.removeprefix("pretrained_model.").replace(".default", ""): v for k, v in load_file(path).items()}
@@ -76,10 +102,12 @@ def metrics(out: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def api_run(tmp_path_factory):
-    """The shortened quickstart, 3 steps on 2 processes, through train(); each rank's parameters dumped."""
+    """The shortened quickstart, 3 steps on 2 processes, through train(); each rank's parameters
+    dumped. The processes are on two machines (of this one), which is also two processes."""
     root = tmp_path_factory.mktemp("ddp")
     out = root / "run"
-    launch(str(TESTS / "ddp_worker.py"), str(root), "quickstart", *QUICKSTART, "run.steps=3", f"run.output_dir={out}")
+    on_two_machines(str(TESTS / "ddp_worker.py"), str(root), "quickstart", *QUICKSTART, "run.steps=3",
+                    f"run.output_dir={out}")
     return root, out
 
 
@@ -119,14 +147,14 @@ def test_the_batch_is_split_and_only_the_main_process_writes(api_run):
     assert not list(out.rglob(".tmp-*"))
 
 
-def test_resume_on_two_processes_continues_the_run_exactly(api_run, tmp_path):
+def test_resume_on_two_machines_continues_the_run_exactly(api_run, tmp_path):
     _, uninterrupted = api_run
     out = tmp_path / "run"
     shutil.copytree(uninterrupted / "stages", out / "stages")  # the same inputs: reused, not retrained
     args = ["-m", "rlhf_recipes.run", "quickstart", *QUICKSTART, f"run.output_dir={out}"]
-    first = launch(*args, "run.steps=2")
-    assert "sft: reusing" in first.stdout and "reward_model: reusing" in first.stdout
-    launch(*args, "run.steps=3", "--resume")
+    first = on_two_machines(*args, "run.steps=2")
+    assert "sft: reusing" in first[0] and "reward_model: reusing" in first[0]
+    on_two_machines(*args, "run.steps=3", "--resume")
 
     assert trainable(out / "model" / "adapter_model.safetensors").keys()
     for name, value in load_file(out / "model" / "adapter_model.safetensors").items():
@@ -153,31 +181,39 @@ def test_a_batch_non_finite_on_one_process_is_skipped_by_all(tiny_dir, tmp_path)
     assert saved.step == 2 and saved.state["skipped"] == 2 and saved.metrics == []  # no step was learned from
 
 
-def test_sigterm_to_the_launcher_stops_every_process_after_the_same_step(tiny_dir, tmp_path):
+def test_sigterm_to_one_machines_launcher_stops_every_process_after_the_same_step(tiny_dir, tmp_path):
     out = tmp_path / "run"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-         "-m", "rlhf_recipes.run", "imdb_positive", *local_overrides("imdb_positive", tiny_dir), "ppo.batch_size=4",
-         "ppo.mini_batch_size=2", "run.steps=500", "run.checkpoint_every=1000", "eval.num_prompts=8",
-         f"run.output_dir={out}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    procs = machines([["-m", "rlhf_recipes.run", "imdb_positive", *local_overrides("imdb_positive", tiny_dir),
+                       "ppo.batch_size=4", "ppo.mini_batch_size=2", "run.steps=500", "run.checkpoint_every=1000",
+                       "eval.num_prompts=8", f"run.output_dir={out}"]] * 2)
     deadline = time.monotonic() + 300
     while not (out / "metrics.jsonl").exists() or len(metrics(out)) < 2:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, procs[0].communicate()
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)  # what a scheduler sends; Ctrl-C sends SIGINT the same way
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0
-    said = [line for line in err.splitlines() if "error: stopped by SIGTERM" in line]
-    assert len(said) == 1 and "accelerate launch --num_processes 2" in said[0], err[-3000:]  # the main one speaks
+    procs[1].send_signal(signal.SIGTERM)  # what a scheduler sends to one machine; Ctrl-C sends SIGINT the same way
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert all(p.returncode != 0 for p in procs)
+    said = [line for err in errs for line in err.splitlines() if "error: stopped by" in line]
+    assert len(said) == 1 and "on every machine, the accelerate launch command" in said[0], errs  # the main one speaks
+    assert said[0].endswith("--resume") and "stopped by a signal to another process" in said[0]
     done = len(metrics(out))
     saved = latest(out)
     assert 2 <= done < 500 and saved.step == done and len(saved.state["rng"]) == 2  # both processes at the same step
+
+
+def test_machines_that_do_not_share_the_output_directory_are_refused_with_nothing_written(tmp_path):
+    here, there = tmp_path / "machine0" / "run", tmp_path / "machine1" / "run"
+    command = ["-m", "rlhf_recipes.run", "quickstart", *QUICKSTART, "run.steps=1"]
+    procs = machines([[*command, f"run.output_dir={here}"], [*command, f"run.output_dir={there}"]])
+    expected = ("error: run.output_dir must be on storage that all machines share: process 1 on "
+                f"{socket.gethostname()} does not see the files the main process writes in {here}")
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        # each machine's process says it in one line (the launcher then reports its exit code)
+        assert p.returncode != 0 and [line for line in err.splitlines() if "run.output_dir must be" in line] and \
+            expected in err, err[-3000:]
+    assert not here.exists() and not there.exists()  # nothing written, on either machine
+    assert not (tmp_path / "machine0").exists() or not any((tmp_path / "machine0").iterdir())
 
 
 def test_8bit_policy_on_each_process_scores_its_own_share_of_the_batch(tiny_dir, tmp_path):
@@ -288,15 +324,15 @@ DPO_QUICKSTART = ["sft.epochs=0.1", "sft.heldout=50", "reward_model.epochs=0.1",
 
 @pytest.fixture(scope="module")
 def dpo_run(tmp_path_factory):
-    """The DPO quickstart, 3 steps of 8 pairs shared by 2 processes, through train()."""
+    """The DPO quickstart, 3 steps of 8 pairs shared by 2 processes on two machines, through train()."""
     root = tmp_path_factory.mktemp("ddp_dpo")
     out = root / "run"
-    launch(str(TESTS / "ddp_worker.py"), str(root), "quickstart_dpo", *DPO_QUICKSTART, "run.steps=3",
-           f"run.output_dir={out}")
+    on_two_machines(str(TESTS / "ddp_worker.py"), str(root), "quickstart_dpo", *DPO_QUICKSTART, "run.steps=3",
+                    f"run.output_dir={out}")
     return root, out
 
 
-def test_dpo_on_two_processes_trains_identical_copies_and_one_process_writes(dpo_run):
+def test_dpo_on_two_machines_trains_identical_copies_and_one_process_writes(dpo_run):
     root, out = dpo_run
     assert identical_trained_copies(root)
     rows = metrics(out)
@@ -308,19 +344,19 @@ def test_dpo_on_two_processes_trains_identical_copies_and_one_process_writes(dpo
 
 
 def resumes_exactly(name: str, overrides: list[str], uninterrupted: Path, out: Path) -> bool:
-    """Whether `name` with `overrides` on two processes, stopped after step 2 and resumed to step 3
+    """Whether `name` with `overrides` on two machines, stopped after step 2 and resumed to step 3
     in `out`, ends where the `uninterrupted` 3-step run did: adapter and per-step metrics (times aside)."""
     shutil.copytree(uninterrupted / "stages", out / "stages")
     args = ["-m", "rlhf_recipes.run", name, *overrides, f"run.output_dir={out}"]
-    launch(*args, "run.steps=2")
-    launch(*args, "run.steps=3", "--resume")
+    on_two_machines(*args, "run.steps=2")
+    on_two_machines(*args, "run.steps=3", "--resume")
     a, b = (load_file(d / "model" / "adapter_model.safetensors") for d in (out, uninterrupted))
     timeless = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) and \
         timeless(metrics(out)) == timeless(metrics(uninterrupted))
 
 
-def test_dpo_resumed_on_two_processes_continues_the_run_exactly(dpo_run, tmp_path):
+def test_dpo_resumed_on_two_machines_continues_the_run_exactly(dpo_run, tmp_path):
     assert resumes_exactly("quickstart_dpo", DPO_QUICKSTART, dpo_run[1], tmp_path / "run")
 
 
@@ -377,8 +413,3 @@ def test_grpo_on_two_processes_trains_identical_copies_on_the_whole_batch_and_on
     assert saved.step == 3 and saved.state["processes"] == 2 and len(saved.state["rng"]) == 2
     evaluation = json.loads((out / "eval.json").read_text())
     assert [e["step"] for e in evaluation["during"]] == [2] and evaluation["after"]["step"] == 3
-
-
-@pytest.mark.slow
-def test_grpo_resumed_on_two_processes_continues_the_run_exactly(grpo_run, tmp_path):
-    assert resumes_exactly("quickstart_grpo", GRPO_QUICKSTART, grpo_run[1], tmp_path / "run")

@@ -79,6 +79,7 @@ def begin(recipe: Recipe, resume: bool) -> Started:
     trackers.check_installed(run.report_to)
     recipe = absolute_paths(recipe)  # recipe.json and the saved adapter then work from any directory
     state = distributed.init()
+    distributed.check_shared(out)  # every process reads what the main one writes there
     # refuses what cannot run, before minutes of loading
     deepspeed = distributed.deepspeed_plugin(recipe.ppo) if recipe.ppo is not None else None
     startup.check_device(recipe, state.device)

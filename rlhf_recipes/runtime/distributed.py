@@ -2,14 +2,18 @@
 
 Every process holds the whole policy, generates and scores its own share of each batch,
 and takes part in the PPO update, whose gradients DDP averages. Only the main process
-writes files or prints. With one process every function here is the identity or a no-op,
-so single-process runs pay nothing for it.
+writes files or prints; on several machines the output directory must be shared storage,
+which every process checks at start-up (check_shared). With one process every function here
+is the identity or a no-op, so single-process runs pay nothing for it.
 """
 from __future__ import annotations
 
 import functools
 import os
+import secrets
+import socket
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,15 +40,42 @@ def init() -> PartialState:
     loading a model creates it in GPU mode, which then reports a world of one process.
     """
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if launched and PartialState._shared_state == {}:  # once, before accelerate rewrites the variables
-        here = os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", os.environ["WORLD_SIZE"]))
-        if here != os.environ["WORLD_SIZE"]:
-            from ..config.sections import RecipeError
-
-            # each process decides from the output directory what to resume and reuse: on one
-            # machine they all see the same files; across machines that is not guaranteed
-            raise RecipeError("several machines are not supported: launch with --num_machines 1")
     return PartialState(cpu=launched and not torch.cuda.is_available(), timeout=TIMEOUT)
+
+
+def check_shared(out: Path) -> None:
+    """Stop every process, with the same line, unless all of them see the same `out`.
+
+    Each process decides from the output directory what to resume and which stages to reuse, and
+    reads the stages and checkpoints the main process writes there: on one machine they all see
+    the same files, across machines only on shared storage. The main process writes a token file
+    into `out` (made if missing), the others read it after a barrier, and it is removed again
+    (with `out`, if it was made for it), so a refusal leaves nothing behind."""
+    state = init()
+    if state.num_processes == 1:
+        return
+    token = from_main(secrets.token_hex(8) if state.is_main_process else None)
+    main_out = from_main(str(out.absolute()) if state.is_main_process else None)
+    probe, made = out / f".rlhf_recipes-shared-{token}", False
+    if state.is_main_process:
+        made = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token)
+    barrier()
+    sees = probe.is_file() and probe.read_text() == token
+    seen = gather([(state.process_index, socket.gethostname(), sees)])
+    barrier()  # everyone has looked
+    if state.is_main_process:
+        probe.unlink()
+        if made and not any(out.iterdir()):
+            out.rmdir()
+    blind = [f"{rank} on {host}" for rank, host, ok in seen if not ok]
+    if blind:
+        from ..config.sections import RecipeError
+
+        raise RecipeError(f"run.output_dir must be on storage that all machines share: process "
+                          f"{', '.join(blind)} does not see the files the main process writes in {main_out}; "
+                          "put it on a filesystem every machine mounts, at the same path")
 
 
 def world() -> tuple[int, int]:
