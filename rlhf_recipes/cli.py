@@ -10,6 +10,11 @@ import sys
 
 
 class OneLineParser(argparse.ArgumentParser):
+    """argparse without prefix matching (`--resum` is not `--resume`), and errors in one line."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
     def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
         print(f"error: {message}; see --help", file=sys.stderr)
         raise SystemExit(2)

@@ -6,6 +6,7 @@ everything from the user's own code, still show.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 
@@ -41,6 +42,18 @@ class _DropMessages(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
         return not any(s in text for s in self.substrings)
+
+
+@contextlib.contextmanager
+def without_log(logger: str, substring: str):
+    """Within the block, drop `logger`'s records that contain `substring`: for advice that does
+    not apply to one call we make on purpose, and should still reach every other."""
+    dropped = _DropMessages([substring])
+    logging.getLogger(logger).addFilter(dropped)
+    try:
+        yield
+    finally:
+        logging.getLogger(logger).removeFilter(dropped)
 
 
 def install() -> None:

@@ -21,7 +21,8 @@ from .runtime.stopping import RunStopped
 def parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="python -m rlhf_recipes.run",
-        description="Train a recipe with PPO. RECIPE is a recipe file's path or a shipped recipe's name.",
+        description="Train a recipe with the method its recipe names (a ppo, dpo, grpo or rloo section). "
+                    "RECIPE is a recipe file's path or a shipped recipe's name.",
         epilog=f"shipped recipes: {', '.join(shipped_recipes())}\n"
                "overrides: section.field=value, e.g. ppo.learning_rate=1e-5 policy.model=./tiny/gpt2\n"
                f"sections: {', '.join(sorted({k.split('.')[0] for k in valid_keys()}))}",
@@ -41,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = apply_overrides(load_recipe(args.recipe), args.overrides)
         if args.dry_run:
-            print(json.dumps(recipe.to_dict(), indent=2))
+            try:
+                print(json.dumps(recipe.to_dict(), indent=2), flush=True)
+            except BrokenPipeError:  # `--dry-run | head` closed the pipe early: what it wanted was read
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
             return 0
         from .runtime import distributed  # heavy imports only past the dry run
 

@@ -34,8 +34,8 @@ def side_by_side(run_dir: str | Path, prompts: list[str], heldout: int = 0, seed
     recipe = run.recipe
     recipe = dataclasses.replace(recipe, run=dataclasses.replace(recipe.run, sample_rows=len(queries)),
                                  eval=dataclasses.replace(recipe.eval, seed=recipe.eval.seed if seed is None else seed))
-    record = evaluate(run.policy, run.tokenizer, build_reward(recipe.reward, run.device, recipe.policy), queries, recipe, run.device,
-                      step=0)
+    record = evaluate(run.policy, run.tokenizer, build_reward(recipe.reward, run.device, recipe.policy), queries, recipe,
+                      run.device, step=0, label="sampling")
     return record["samples"][:len(queries)]
 
 

@@ -284,7 +284,8 @@ def _build(out: Path, seed: int) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m rlhf_recipes.tiny", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m rlhf_recipes.tiny", description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)
     parser.add_argument("out_dir", help="directory to write the models and prompt files into")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -114,8 +114,8 @@ def test_python_dash_m_runs_a_recipe(tiny_dir, tmp_path):
     assert not [p for p in out.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     assert "step 2/2" in done.stdout and len(read_metrics(out)) == 2
     noise = [line for line in done.stderr.splitlines()
-             if "Warning" in line or "deprecated" in line or "publisher trust" in line]
-    assert not noise, noise  # TRL, PEFT, bitsandbytes and kernels chatter is silenced
+             if "Warning" in line or "deprecated" in line or "publisher trust" in line or "attention_mask" in line]
+    assert not noise, noise  # TRL, PEFT, bitsandbytes and kernels chatter is silenced, and advice for padded rows
 
 
 def test_help_lists_the_shipped_recipes():
@@ -157,3 +157,9 @@ def test_an_unreachable_hub_fails_at_once_in_one_line(tmp_path):
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "cannot be reached" in done.stderr and "HF_HUB_OFFLINE=1" in done.stderr and "policy.model" in done.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_a_dry_run_piped_into_head_ends_quietly():
+    done = subprocess.run(f"{sys.executable} -m rlhf_recipes.run quickstart_grpo --dry-run | head -1", shell=True,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.stdout == "{\n" and "Error" not in done.stderr and "Traceback" not in done.stderr, done.stderr

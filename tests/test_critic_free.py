@@ -168,6 +168,7 @@ def test_a_run_starts_at_kl_0_moves_and_is_evaluated_and_reported_as_a_ppo_run_i
     assert result["before"]["policy"]["kl"]["mean"] == 0 and result["after"]["policy"]["kl"]["mean"] != 0
     assert (out / "report.md").exists() and (out / "training.png").exists()
     assert f"trained with {method.upper()}" in (out / "model" / "README.md").read_text()
+    assert not (out / "model" / "value_head.safetensors").exists() and "saved adapter and tokenizer" in shown
     assert checkpoint.latest(out).step == 4 and [e["step"] for e in result["during"]] == [2]
     assert evaluate_main([str(out)]) == 0  # re-evaluated from the saved run alone: the same figures
     again = json.loads((out / "eval.json").read_text())["after"]
@@ -181,7 +182,9 @@ def test_a_run_starts_at_kl_0_moves_and_is_evaluated_and_reported_as_a_ppo_run_i
     from rlhf_recipes.export import main as export_main
     from rlhf_recipes.sample import main as sample_main
 
-    assert sample_main([str(out), "--heldout", "2"]) == 0 and "policy" in capsys.readouterr().out
+    assert sample_main([str(out), "--heldout", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "policy" in printed and "eval at step" not in printed  # sampling is not an evaluation step
     assert export_main([str(out), str(tmp_path / "merged")]) == 0
     from transformers import AutoModelForCausalLM
 

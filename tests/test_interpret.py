@@ -198,3 +198,10 @@ def test_the_logit_lens_holds_the_same_memory_for_more_prompts(tiny_dir, monkeyp
     finally:
         hook.remove()
     assert peaks[3] == peaks[24] == 2 * 3 * base.config.vocab_size
+
+
+def test_punctuation_tokens_are_named_on_the_figures():
+    from rlhf_recipes.reporting.interpret_plots import token_label
+
+    assert token_label(",") == "',' (comma)" and token_label(" .") == "' .' (full stop)"
+    assert token_label(" great") == "' great'"

@@ -104,6 +104,16 @@ def test_a_finished_run_resumes_to_its_end_and_refuses_fewer_steps(tiny_dir, tmp
     assert "is at step 3, past the 2 steps asked for now" in capsys.readouterr().err
 
 
+def test_a_run_started_with_overwrite_resumes_with_the_same_arguments_plus_resume(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = args_for(tiny_dir, out, "run.checkpoint_every=2", "run.overwrite=true")  # two steps (SMALL)
+    assert main(argv) == 0
+    first = read_metrics(out)
+    assert main([*argv, "run.steps=3", "--resume"]) == 0  # as the README says: the same arguments plus --resume
+    assert "run.overwrite=true is ignored" in capsys.readouterr().out
+    assert read_metrics(out)[:2] == first and [m["step"] for m in read_metrics(out)] == [1, 2, 3]  # continued, kept
+
+
 def test_the_resume_command_drops_overwrite():
     from rlhf_recipes.run import resume_command
 

@@ -4,6 +4,7 @@ start (`begin`, `load_models`, `start_records`), each step's record and checkpoi
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,10 @@ class Started:
 def begin(recipe: Recipe, resume: bool) -> Started:
     """The checks and loading both loops start with, before any model: the output directory,
     the Hub, trackers, devices, the checkpoint to resume from, the tokenizer and the prompts."""
+    if resume and recipe.run.overwrite:  # "the same arguments plus --resume", for a run started with overwrite
+        console.print("note: --resume continues the run in run.output_dir, so run.overwrite=true is ignored",
+                      soft_wrap=True)
+        recipe = dataclasses.replace(recipe, run=dataclasses.replace(recipe.run, overwrite=False))
     run = recipe.run
     out = Path(run.output_dir)
     check_output_dir(out, run.overwrite, resume)  # before minutes of loading, and before writing anything
@@ -169,13 +174,13 @@ def finish(run: Started, evaluation: dict, records: list[dict], tracked, steps: 
            last=None, evaluate_now=None) -> TrainResult:
     """Save the policy, show the last samples (`last`: prompts, responses, rewards), evaluate
     after training (with `evaluate_now(step, check)`, run.held_out by default) and write the report."""
-    out, main = run.out, run.state.is_main_process
+    out, main, ppo = run.out, run.state.is_main_process, run.recipe.ppo is not None
     if main:
-        save_policy(run.policy, run.tokenizer, out / MODEL)
+        save_policy(run.policy, run.tokenizer, out / MODEL, value_head=ppo)
     if last is not None:
         sample_table(f"samples at step {steps}", *last, run.recipe.run.sample_rows)
         tracked.log_samples(steps, *last)
-    console.print(f"saved adapter, value head and tokenizer to {out / MODEL}")
+    console.print(f"saved adapter{', value head' if ppo else ''} and tokenizer to {out / MODEL}")
     evaluation["after"] = (evaluate_now or run.held_out)(steps, False)
     tracked.log_evaluation(evaluation["after"])
     tracked.finish()

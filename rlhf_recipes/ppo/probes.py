@@ -7,6 +7,7 @@ import functools
 
 import torch
 
+from .. import quiet
 from ..components import token_scores
 from ..components.loading import first_line
 from ..components.seq2seq import is_encoder_decoder
@@ -56,8 +57,10 @@ def packed_forward(model, inputs: dict, lengths: list[int], capacity: int):
     (token_scores.pack), with the index from each row's tokens to the packed ones."""
     ids, positions, index = token_scores.pack(inputs["input_ids"], inputs["attention_mask"], lengths, capacity)
     # transformers keeps packed sequences apart (from the position ids) only in a call with
-    # neither an attention mask nor a KV cache, and a causal LM makes itself a cache unless told not to
-    return model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=1), index
+    # neither an attention mask nor a KV cache, and a causal LM makes itself a cache unless told not to;
+    # its advice to pass a mask, where a row ends in a pad-valued EOS, is for padded rows, not these
+    with quiet.without_log("transformers.modeling_utils", "We strongly recommend passing in an `attention_mask`"):
+        return model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=1), index
 
 
 LEAK = ("laid end to end, its rows would see each other (its forward does not keep packed sequences apart by "

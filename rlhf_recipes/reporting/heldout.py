@@ -81,8 +81,9 @@ def scoring_inputs(queries: list[torch.Tensor], responses: list[torch.Tensor], p
 
 
 def evaluate(model, tokenizer, reward_fn, queries: list[torch.Tensor], recipe: Recipe, device: torch.device,
-             step: int, check_reference: bool = False) -> dict:
+             step: int, check_reference: bool = False, label: str | None = None) -> dict:
     """One evaluation of the policy against its reference on `queries`: a JSON-able record.
+    `label` names its progress bar ("eval at step N" by default).
 
     Runs in forked RNGs (torch, numpy, python: a reward function or judge may draw from
     them), so evaluating, or not, never changes the training run's samples.
@@ -90,20 +91,21 @@ def evaluate(model, tokenizer, reward_fn, queries: list[torch.Tensor], recipe: R
     saved = random.getstate(), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), evaluating(model):
-            return _evaluate(model, tokenizer, reward_fn, queries, recipe, device, step, check_reference)
+            return _evaluate(model, tokenizer, reward_fn, queries, recipe, device, step, check_reference,
+                             label or f"eval at step {step}")
     finally:
         random.setstate(saved[0])
         np.random.set_state(saved[1])
 
 
-def _evaluate(model, tokenizer, reward_fn, queries, recipe, device, step, check_reference) -> dict:
+def _evaluate(model, tokenizer, reward_fn, queries, recipe, device, step, check_reference, label) -> dict:
     ev, gen = recipe.eval, recipe.generation
     lengths = np.random.default_rng(ev.seed).integers(
         gen.response_min_tokens, gen.response_max_tokens + 1, size=len(queries)).tolist()
     gen = dataclasses.replace(gen, batch_size=ev.batch_size)
     judge = resolve_callable(ev.judge, "eval.judge") if ev.judge is not None else None
     sides = {}
-    with StepDisplay(4 * len(queries), label=f"eval at step {step}", every=5.0) as display:
+    with StepDisplay(4 * len(queries), label=label, every=5.0) as display:
         progress = [0]  # samples generated or scored, both sides
 
         def done(n: int) -> None:

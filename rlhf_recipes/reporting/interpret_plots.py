@@ -9,6 +9,17 @@ import numpy as np
 from .report import num
 
 
+_NAMED = {",": "comma", ".": "full stop", ";": "semicolon", ":": "colon", "'": "apostrophe", "`": "backtick",
+          "-": "hyphen", "!": "exclamation mark", "?": "question mark", "\"": "quote"}
+
+
+def token_label(token: str) -> str:
+    """A token as a tick label: quoted, and a lone punctuation mark named too (',' and '.' look
+    alike at 8 points)."""
+    name = _NAMED.get(token.strip())
+    return f"{token!r} ({name})" if name else repr(token)
+
+
 def plot_all(out: Path, result: dict) -> dict[str, str]:
     """Write the PNGs into `out`; {what: file name}."""
     import matplotlib
@@ -29,7 +40,7 @@ def plot_all(out: Path, result: dict) -> dict[str, str]:
     for ax, key in zip(axes, ("prompt_end", "samples")):
         rows = shift[key]["up"] + shift[key]["down"][::-1]
         ax.barh(range(len(rows)), [v for _, v in rows], color=["tab:green" if v > 0 else "tab:red" for _, v in rows])
-        ax.set_yticks(range(len(rows)), [repr(t) for t, _ in rows], fontsize=8)
+        ax.set_yticks(range(len(rows)), [token_label(t) for t, _ in rows], fontsize=8)
         ax.invert_yaxis()
         ax.set_title("log p(policy) - log p(reference) at the prompt's end:\nmost up, most down" if key == "prompt_end"
                      else "over the policy's samples: each token's share of KL(policy || ref) (up)\n"
@@ -91,7 +102,7 @@ def plot_all(out: Path, result: dict) -> dict[str, str]:
     example = result["example"]
     if example["heads"]:
         fig, axes = plt.subplots(2, len(example["heads"]), figsize=(3.2 * len(example["heads"]), 6.4), squeeze=False)
-        labels = [repr(t) for t in example["tokens"]]
+        labels = [token_label(t) for t in example["tokens"]]
         for j, head in enumerate(example["heads"]):
             for i, side in enumerate(("policy", "reference")):
                 ax = axes[i, j]

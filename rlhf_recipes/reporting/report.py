@@ -96,7 +96,7 @@ def plot(out: Path, result: dict, metrics: list[dict]) -> None:
     dpo = bool(recipe.get("dpo"))  # no sampled batches to plot: DPO's own margin on its training pairs instead
     panels = ([(None, "reward (held-out samples)"), (None, "KL (held-out samples)"),
                ("rewards/margins", "DPO margin (training pairs)")] if dpo else
-              [("env/reward_mean", "reward"), ("objective/kl", "KL (training batch)"),
+              [("env/reward_mean", "reward"), ("objective/kl", "KL: training batch, and held-out samples"),
                ("objective/kl_coef", "KL coefficient")])
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
     steps = [m["step"] for m in metrics]
@@ -142,8 +142,7 @@ def model_card(result: dict, recipe: dict, model_dir: Path) -> str:
     if recipe.get("dpo"):
         rewarded_by = f"preference pairs from `{recipe['dpo']['dataset']}`; evaluated with " + rewarded_by
     head = ("The value head PPO trained is in `value_head.safetensors`; it is not needed to generate." if method == "PPO"
-            else f"`value_head.safetensors` is untrained ({method} has none) and kept only so the directory loads as a "
-                 "PPO run's does.")
+            else f"{method} trains no value head, so there is none here.")
     return (f"# {recipe['name']}: a LoRA adapter trained with {method}\n\n"
             f"Made by rlhf_recipes from the recipe `{recipe['name']}`"
             f"{' after its ' + ' and '.join(stages) + ' stage' + ('s' if len(stages) > 1 else '') if stages else ''}. "

@@ -2,7 +2,7 @@
 
     OUTPUT_DIR/recipe.json     the resolved recipe, as run
     OUTPUT_DIR/metrics.jsonl   one line of TRL's metric keys per PPO step
-    OUTPUT_DIR/model/          adapter (PEFT, safetensors), value_head.safetensors, tokenizer
+    OUTPUT_DIR/model/          adapter (PEFT, safetensors), value_head.safetensors (PPO), tokenizer
     OUTPUT_DIR/heldout.jsonl   the held-out prompts' token ids, so a run re-evaluates without its data
     OUTPUT_DIR/eval.json       evaluation before, during and after training (rlhf_recipes.evaluation)
     OUTPUT_DIR/report.md       the before/after table and samples, with training.png and reward_hist.png
@@ -31,9 +31,9 @@ HELDOUT, EVAL, REPORT, STAGES = "heldout.jsonl", "eval.json", "report.md", "stag
 
 
 def check_output_dir(out: Path, overwrite: bool, resume: bool = False) -> None:
-    """Refuse, before anything is loaded or written, a directory the run must not touch."""
-    if overwrite and resume:
-        raise RecipeError("run.overwrite=true and --resume contradict each other; drop one")
+    """Refuse, before anything is loaded or written, a directory the run must not touch
+    (with `resume`, `overwrite` is ignored: the run in it continues)."""
+    overwrite = overwrite and not resume
     if out.exists() and not out.is_dir():
         raise RecipeError(f"run.output_dir {str(out)!r} is a file; choose a directory")
     if out.is_dir() and any(p.name != STAGES for p in out.iterdir()):  # stages/ alone is a cache
@@ -97,14 +97,17 @@ def start_output_dir(out: Path, recipe: Recipe, replace: bool) -> None:
     write_atomic(out / RECIPE, json.dumps(recipe.to_dict(), indent=2) + "\n")
 
 
-def save_policy(model, tokenizer, directory: Path) -> None:
-    """Adapter (loads with PeftModel.from_pretrained), value head and tokenizer, all safetensors/json.
+def save_policy(model, tokenizer, directory: Path, value_head: bool = True) -> None:
+    """Adapter (loads with PeftModel.from_pretrained), value head (PPO's; value_head=False for the
+    methods that train none) and tokenizer, all safetensors/json.
 
     Written beside `directory` and renamed into place: an interrupted save leaves the old one.
     """
     with atomic_dir(directory) as tmp:
         model.pretrained_model.save_pretrained(tmp)
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.v_head.state_dict().items()}, tmp / VALUE_HEAD)
+        if value_head:
+            save_file({k: v.detach().contiguous().cpu() for k, v in model.v_head.state_dict().items()},
+                      tmp / VALUE_HEAD)
         tokenizer.save_pretrained(tmp)
 
 
@@ -149,13 +152,14 @@ def write_metrics(out: Path, records: list[dict]) -> None:
 
 
 def load_policy_weights(model, directory: Path) -> None:
-    """Load a saved adapter and value head into a policy built from the same recipe."""
+    """Load a saved adapter, and value head where there is one (PPO's), into a policy built from the same recipe."""
     result = set_peft_model_state_dict(model.pretrained_model, load_file(directory / "adapter_model.safetensors"))
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
     if unexpected:
         raise RecipeError(f"{str(directory)!r}: the saved adapter does not fit policy.model "
                           f"(unexpected {unexpected[0]}); evaluate with the recipe the run was trained with")
-    model.v_head.load_state_dict(load_file(directory / VALUE_HEAD))
+    if (directory / VALUE_HEAD).is_file():  # DPO, GRPO and RLOO train none (runs before 0.4 saved an untrained one)
+        model.v_head.load_state_dict(load_file(directory / VALUE_HEAD))
 
 
 def write_heldout(out: Path, queries: list[torch.Tensor]) -> None:
