@@ -182,6 +182,7 @@ def test_a_run_starts_at_kl_0_moves_and_is_evaluated_and_reported_as_a_ppo_run_i
     from rlhf_recipes.export import main as export_main
     from rlhf_recipes.sample import main as sample_main
 
+    capsys.readouterr()
     assert sample_main([str(out), "--heldout", "2"]) == 0
     printed = capsys.readouterr().out
     assert "policy" in printed and "eval at step" not in printed  # sampling is not an evaluation step
