@@ -295,3 +295,22 @@ def test_decode_pairs_keeps_the_space_between_prompt_and_response():
     assert tok.decode(q) + tok.decode(r) == "The plot wasdull"  # the failure decode_pairs exists to avoid
     prompts, responses = decode_pairs(tok, [q], [r])
     assert prompts[0] + responses[0] == "The plot was dull"
+
+
+def test_threads_follow_the_usable_cpus_and_a_busy_machine_is_named(monkeypatch):
+    from rlhf_recipes.config.sections import Run
+    from rlhf_recipes.runtime import startup
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(startup.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(startup.os, "getloadavg", lambda: (1.2, 1.0, 1.0))  # this process, starting up
+    try:
+        assert startup.set_threads(Run(output_dir="x")) is None and torch.get_num_threads() == 4
+        assert startup.set_threads(Run(output_dir="x"), local_processes=2) is None and torch.get_num_threads() == 2
+        monkeypatch.setattr(startup.os, "getloadavg", lambda: (3.1, 3.0, 3.0))  # and two CPUs' worth of other work
+        said = startup.set_threads(Run(output_dir="x"))
+        assert "already busy" in said and "about 2.1 of its 4 usable CPUs" in said and "run.threads=2" in said
+        assert startup.set_threads(Run(output_dir="x", threads=2)) is None and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

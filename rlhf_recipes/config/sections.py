@@ -325,6 +325,12 @@ class Run(Section):
     (comma-separated). Logs go to OUTPUT_DIR/trackers; each needs its own pip package."""
     run_name: Optional[str] = None
     """The run's name in the trackers; none means the recipe's name."""
+    threads: Optional[int] = None
+    """CPU threads for torch in each process. None: the CPUs this process may use
+    (os.sched_getaffinity, divided between the processes of one machine), or OMP_NUM_THREADS
+    where set. On a machine already busy with other work, fewer threads than CPUs avoids threads
+    spinning at barriers; the run says so at start-up. Results can differ in their last bits
+    with the thread count, so resume with the same one."""
 
     def check(self) -> None:
         if isinstance(self.report_to, str):
@@ -333,7 +339,7 @@ class Run(Section):
         self.require(not unknown and bool(self.report_to), "report_to",
                      "must be none, tensorboard, wandb or trackio (comma-separated for several)")
         self.require(bool(self.output_dir.strip()), "output_dir", "must name a directory")
-        _positive(self, "steps", "sample_rows", "checkpoint_every", "keep_checkpoints", "max_bad_batches")
+        _positive(self, "steps", "sample_rows", "checkpoint_every", "keep_checkpoints", "max_bad_batches", "threads")
         self.require(0 <= self.seed < 2 ** 32, "seed", "must be in [0, 2**32)")
         self.require(self.sample_every >= 0, "sample_every", "must be >= 0")
 

@@ -5,6 +5,7 @@ start (`begin`, `load_models`, `start_records`), each step's record and checkpoi
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,9 @@ def begin(recipe: Recipe, resume: bool) -> Started:
     # refuses what cannot run, before minutes of loading
     deepspeed = distributed.deepspeed_plugin(recipe.ppo) if recipe.ppo is not None else None
     startup.check_device(recipe, state.device)
+    busy = startup.set_threads(run, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if busy:
+        console.print(f"[yellow]warning:[/] {busy}", soft_wrap=True)
     saved = checkpoint.resume_point(out, recipe, state.num_processes, deepspeed is not None) if resume else None
     tokenizer = load_tokenizer("policy.model", recipe.policy.model, recipe.policy.trust_remote_code)
     encoder_decoder = seq2seq.is_encoder_decoder(load_config(recipe.policy))

@@ -2,12 +2,44 @@
 something the user should know about, and hardware that cannot run what the recipe asks for."""
 from __future__ import annotations
 
+import os
+
 import torch
 
-from ..config.sections import Generation, Recipe, RecipeError
+from ..config.sections import Generation, Recipe, RecipeError, Run
 
 KL_REACH_WARNING = 2.0
 """Warn when adaptive KL cannot move its coefficient by at least this factor over the run."""
+
+
+BUSY_LOAD = 0.75
+"""Warn when other work keeps at least this many CPUs busy: the machine's 1-minute load before the
+run starts, less one CPU for each of this run's processes on it (which were starting up)."""
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a container's or taskset's limit), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def set_threads(run: Run, local_processes: int = 1) -> str | None:
+    """Set torch's CPU threads from run.threads, else OMP_NUM_THREADS, else the usable CPUs shared
+    by this machine's processes; a warning to print when the machine is already busy."""
+    cpus = usable_cpus()
+    given = run.threads or (int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit()
+                            else None)
+    threads = given or max(1, cpus // local_processes)
+    torch.set_num_threads(threads)
+    others = (os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0) - local_processes
+    if others < BUSY_LOAD or given:
+        return None
+    return (f"this machine is already busy (other work keeps about {others:.1f} of its {cpus} usable CPUs busy): "
+            f"a run on {threads} threads competes with it, and a small model's threads then spin at barriers, "
+            f"which can make a run many times slower; set run.threads to the CPUs left free (e.g. run.threads="
+            f"{max(1, cpus - round(others))}), or run one job at a time")
 
 
 def sampling_note(gen: Generation) -> str | None:
