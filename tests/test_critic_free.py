@@ -266,3 +266,13 @@ def test_the_critic_free_quickstarts_learn_on_the_ppo_quickstarts_scale(tmp_path
     assert after["reward_improvement"]["mean"] >= 2 * before["policy"]["reward"]["std"]  # at least 2 ref std
     assert after["policy"]["judged"]["mean"] >= before["policy"]["judged"]["mean"] + 0.5  # and the judge agrees
     assert 0 < after["policy"]["kl"]["mean"] < 20
+
+
+def test_a_step_the_processes_cannot_share_equally_is_refused_before_any_model_loads():
+    from rlhf_recipes.loops.critic_free import refuse
+
+    recipe = apply_overrides(load_recipe("quickstart_rloo"), ["rloo.batch_size=3", "rloo.num_generations=2"])
+    refuse(recipe, encoder_decoder=False, processes=1)  # 6 samples: fine on one process
+    with pytest.raises(RecipeError, match=r"rloo.batch_size x num_generations \(6\) must be a multiple of the "
+                                          r"processes times rloo.gradient_accumulation_steps \(4 x 1\)"):
+        refuse(recipe, encoder_decoder=False, processes=4)

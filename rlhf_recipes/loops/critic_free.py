@@ -34,9 +34,15 @@ from .session import (TrainResult, begin, checkpoint_or_stop, evaluate_during, f
                       start_records)
 
 
-def refuse(recipe: Recipe, encoder_decoder: bool) -> None:
+def refuse(recipe: Recipe, encoder_decoder: bool, processes: int) -> None:
     """What GRPO and RLOO cannot run here, in one line each, before any model loads."""
     name = recipe.method
+    cfg = getattr(recipe, name)
+    samples = cfg.batch_size * cfg.num_generations
+    if samples % (processes * cfg.gradient_accumulation_steps):
+        raise RecipeError(f"{name}.batch_size x num_generations ({samples}) must be a multiple of the processes times "
+                          f"{name}.gradient_accumulation_steps ({processes} x {cfg.gradient_accumulation_steps}): "
+                          "each process takes an equal share of every batch")
     if any(os.environ.get(f"ACCELERATE_USE_{k}", "false").lower() == "true" for k in ("DEEPSPEED", "FSDP")):
         raise RecipeError(f"{name} runs under DDP (accelerate/ddp.yaml): DeepSpeed and FSDP are not supported for "
                           f"{name.upper()} yet")
@@ -65,7 +71,7 @@ def train_critic_free(recipe: Recipe, resume: bool = False) -> TrainResult:
     cfg = getattr(recipe, method)
     trl_backend.check_vllm(cfg)
     started = begin(recipe, resume)
-    refuse(recipe, started.encoder_decoder)
+    refuse(recipe, started.encoder_decoder, started.state.num_processes)
     out, prompts, processes = started.out, started.prompts, started.state.num_processes
     checkpoint.check_steps(started.saved, run.steps, out)
     load_models(started)

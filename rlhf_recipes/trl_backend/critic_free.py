@@ -87,11 +87,7 @@ def make_trainer(cfg: GroupSampled, gen: Generation, model, tokenizer, queries: 
 
     from ..components.data import no_progress_bars
 
-    samples = cfg.batch_size * cfg.num_generations
-    if samples % (processes * cfg.gradient_accumulation_steps):
-        raise RecipeError(f"{cfg.section}.batch_size x num_generations ({samples}) must be a multiple of the processes "
-                          f"times {cfg.section}.gradient_accumulation_steps ({processes} x "
-                          f"{cfg.gradient_accumulation_steps}): each process takes an equal share of every batch")
+    samples = cfg.batch_size * cfg.num_generations  # shared equally by the processes (loops.critic_free.refuse)
     updates = steps * cfg.num_iterations
     common = dict(
         output_dir=str(work_dir), learning_rate=cfg.learning_rate, beta=cfg.beta, num_generations=cfg.num_generations,
