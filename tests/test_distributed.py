@@ -100,15 +100,21 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def worker_run(tmp_path_factory, name: str, overrides: list[str], launcher=None) -> tuple[Path, Path]:
+    """(dump directory, run directory) of recipe `name` trained for 3 steps through train() by
+    tests/ddp_worker.py, which dumps each rank's parameters; on two machines of one process each
+    (which is also two processes), or with `launcher` (`launch`: two processes on one machine)."""
+    root = tmp_path_factory.mktemp(f"ddp_{name}")
+    out = root / "run"
+    (launcher or on_two_machines)(str(TESTS / "ddp_worker.py"), str(root), name, *overrides, "run.steps=3",
+                                  f"run.output_dir={out}")
+    return root, out
+
+
 @pytest.fixture(scope="module")
 def api_run(tmp_path_factory):
-    """The shortened quickstart, 3 steps on 2 processes, through train(); each rank's parameters
-    dumped. The processes are on two machines (of this one), which is also two processes."""
-    root = tmp_path_factory.mktemp("ddp")
-    out = root / "run"
-    on_two_machines(str(TESTS / "ddp_worker.py"), str(root), "quickstart", *QUICKSTART, "run.steps=3",
-                    f"run.output_dir={out}")
-    return root, out
+    """The shortened quickstart on two machines."""
+    return worker_run(tmp_path_factory, "quickstart", QUICKSTART)
 
 
 def test_processes_hold_identical_policies_that_trained(api_run):
@@ -324,12 +330,8 @@ DPO_QUICKSTART = ["sft.epochs=0.1", "sft.heldout=50", "reward_model.epochs=0.1",
 
 @pytest.fixture(scope="module")
 def dpo_run(tmp_path_factory):
-    """The DPO quickstart, 3 steps of 8 pairs shared by 2 processes on two machines, through train()."""
-    root = tmp_path_factory.mktemp("ddp_dpo")
-    out = root / "run"
-    on_two_machines(str(TESTS / "ddp_worker.py"), str(root), "quickstart_dpo", *DPO_QUICKSTART, "run.steps=3",
-                    f"run.output_dir={out}")
-    return root, out
+    """The DPO quickstart, 8 pairs a step shared by 2 processes on two machines."""
+    return worker_run(tmp_path_factory, "quickstart_dpo", DPO_QUICKSTART)
 
 
 def test_dpo_on_two_machines_trains_identical_copies_and_one_process_writes(dpo_run):
@@ -395,12 +397,8 @@ GRPO_QUICKSTART = ["sft.epochs=0.1", "sft.heldout=50", "reward_model.epochs=0.1"
 
 @pytest.fixture(scope="module")
 def grpo_run(tmp_path_factory):
-    """The GRPO quickstart, 3 steps shared by 2 processes, through train()."""
-    root = tmp_path_factory.mktemp("ddp_grpo")
-    out = root / "run"
-    launch(str(TESTS / "ddp_worker.py"), str(root), "quickstart_grpo", *GRPO_QUICKSTART, "run.steps=3",
-           f"run.output_dir={out}")
-    return root, out
+    """The GRPO quickstart, each step's samples shared by 2 processes on one machine."""
+    return worker_run(tmp_path_factory, "quickstart_grpo", GRPO_QUICKSTART, launcher=launch)
 
 
 def test_grpo_on_two_processes_trains_identical_copies_on_the_whole_batch_and_one_process_writes(grpo_run):
