@@ -164,6 +164,10 @@ def test_a_run_starts_at_kl_0_moves_and_is_evaluated_and_reported_as_a_ppo_run_i
     assert {"env/reward_mean", "env/reward_std", "env/response_length", f"{method}/loss/total",
             f"{method}/policy/entropy", f"{method}/policy/clip_ratio/region_mean", f"{method}/grad_norm"} <= set(first)
     assert records[-1]["objective/kl"] != 0 and not any(k.startswith("rewards/") or k == "reward" for k in first)
+    if method == "rloo":  # TRL's per-token log-ratio, times the mean length, is our per-sequence one: the same samples
+        for r in records:
+            assert r["objective/kl"] == pytest.approx(r["rloo/policy/kl_token"] * r["env/response_length"], rel=1e-4,
+                                                      abs=1e-6)
     result = json.loads((out / "eval.json").read_text())
     assert result["before"]["policy"]["kl"]["mean"] == 0 and result["after"]["policy"]["kl"]["mean"] != 0
     assert (out / "report.md").exists() and (out / "training.png").exists()
@@ -276,3 +280,46 @@ def test_a_step_the_processes_cannot_share_equally_is_refused_before_any_model_l
     with pytest.raises(RecipeError, match=r"rloo.batch_size x num_generations \(6\) must be a multiple of the "
                                           r"processes times rloo.gradient_accumulation_steps \(4 x 1\)"):
         refuse(recipe, encoder_decoder=False, processes=4)
+
+
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_objective_kl_is_the_samples_sequence_log_ratio_to_the_adapters_off_reference(tiny_dir, tmp_path, iterations):
+    """Read from the log-probs TRL computes anyway (its first loss pass, or its old log-probs with
+    num_iterations 2), it equals a direct computation on the same samples, policy against adapters off."""
+    from rlhf_recipes import Generation, Policy, trl_backend
+    from rlhf_recipes.components.data import load_prompts
+    from rlhf_recipes.components.policy import build_policy, load_tokenizer
+    from rlhf_recipes.components.reward import FunctionReward
+    from rlhf_recipes.config.sections import Prompts, Reward
+
+    tokenizer = load_tokenizer("policy.model", str(tiny_dir / "gpt2"))
+    torch.manual_seed(0)
+    policy = build_policy(Policy(model=str(tiny_dir / "gpt2"), lora_r=4, lora_alpha=8), torch.device("cpu"))
+    with torch.no_grad():  # a policy that has moved from its reference
+        for name, p in policy.pretrained_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    prompts = load_prompts(Prompts(dataset=str(tiny_dir / "imdb.jsonl"), query_min_tokens=2, query_max_tokens=4),
+                           tokenizer, 4, 0)
+    cfg = Reward(function=lambda texts: [float(len(t)) for t in texts], input="response")
+    reward = trl_backend.RecipeReward(FunctionReward(cfg), cfg, tokenizer, prompts.train)
+    grpo = GRPO(**{**BASE, "learning_rate": 1e-2}, loss_type="grpo", scale_rewards="group", num_iterations=iterations)
+    trainer = trl_backend.make_critic_free_trainer(grpo, Generation(4, 6), policy.pretrained_model, tokenizer,
+                                                   prompts.train, reward, 2, 0, tmp_path, 1)
+    batch = trl_backend.sample_and_score(trainer, [0, 1, 2, 3], 0)
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    n = batch["completion_ids"].shape[1]
+    with torch.no_grad():
+        logits = policy.pretrained_model(input_ids=ids, attention_mask=mask).logits
+        with policy.pretrained_model.disable_adapter():
+            ref_logits = policy.pretrained_model(input_ids=ids, attention_mask=mask).logits
+    target = batch["completion_ids"]
+
+    def logps(x):
+        return torch.log_softmax(x[:, -n - 1:-1].float(), -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+
+    expected = ((logps(logits) - logps(ref_logits)) * batch["completion_mask"]).sum(1).mean()
+    stats = trl_backend.critic_free_update(trainer, batch)
+    assert abs(float(expected)) > 0.01  # the adapters moved the policy
+    assert stats["sequence_kl"] == pytest.approx(float(expected), rel=1e-4, abs=1e-5)
