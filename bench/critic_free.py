@@ -26,8 +26,9 @@ from common import build_models, table, write_section
 
 
 def recipe_for(paths: dict, args, out: Path):
-    from rlhf_recipes import GRPO, apply_overrides, load_recipe
     import dataclasses
+
+    from rlhf_recipes import GRPO, apply_overrides, load_recipe
 
     base = load_recipe("imdb_positive")
     grpo = GRPO(learning_rate=1e-4, batch_size=args.prompts, num_generations=args.generations, beta=0.04,
@@ -52,14 +53,13 @@ def ours(paths: dict, args) -> list[float]:
 def trl_direct(paths: dict, args) -> list[float]:
     """GRPOTrainer.train() on the same policy, prompts (as texts) and reward, the settings our loop passes."""
     from datasets import Dataset
-    from transformers import TrainerCallback
+    from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from rlhf_recipes.components.data import load_prompts
+    from rlhf_recipes.components.loading import load_pretrained
     from rlhf_recipes.components.policy import add_lora, load_tokenizer
     from rlhf_recipes.components.reward import build_reward
-    from rlhf_recipes.components.loading import load_pretrained
-    from transformers import AutoModelForCausalLM
 
     with tempfile.TemporaryDirectory() as tmp:
         recipe = recipe_for(paths, args, Path(tmp) / "run")

@@ -22,6 +22,7 @@ from pathlib import Path
 from accelerate.utils import set_seed
 from rich.markup import escape
 
+from .. import trl_backend
 from ..components.data import batch_indices
 from ..config.sections import Recipe, RecipeError
 from ..reporting import trackers
@@ -65,8 +66,6 @@ def train_critic_free(recipe: Recipe, resume: bool = False) -> TrainResult:
     resume: continue the run in run.output_dir from its newest checkpoint.
     Raises RunStopped when a signal or repeated non-finite batches stop it early.
     """
-    from .. import trl_backend
-
     method, run = recipe.method, recipe.run
     cfg = getattr(recipe, method)
     trl_backend.check_vllm(cfg)
@@ -112,6 +111,7 @@ def train_critic_free(recipe: Recipe, resume: bool = False) -> TrainResult:
             #    the reference, advantages from each prompt's group
             batch = trl_backend.sample_and_score(trainer, batch_indices(len(prompts.train), cfg.batch_size, step,
                                                                          run.seed), step)
+            samples = sum(distributed.gather([len(batch["completion_ids"])]))  # all processes' shares
             t1 = time.perf_counter()
 
             # 2. update: num_iterations optimizer steps with TRL's loss, the gradients averaged over
@@ -128,7 +128,7 @@ def train_critic_free(recipe: Recipe, resume: bool = False) -> TrainResult:
                 kl = stats.pop("sequence_kl", None)
                 record.update({f"{method}/loss/total": stats["loss"], f"{method}/grad_norm": stats["grad_norm"],
                                f"{method}/learning_rate": stats["learning_rate"], "step": step + 1,
-                               "env/batch_size": per_step, "env/skipped_batches": skipped,
+                               "env/batch_size": samples, "env/skipped_batches": skipped,
                                "time/rollout": t1 - t0, "time/step": time.perf_counter() - t0,
                                **({"objective/kl": kl} if kl is not None else {})})
                 record_step(started, record, records, tracked, display)

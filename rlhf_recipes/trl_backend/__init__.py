@@ -1,5 +1,6 @@
 """The one package that imports TRL: a thin adapter over its trainers for the stages before PPO
-(SFT and the reward model: stages), for DPO (dpo) and for GRPO and RLOO (critic_free). Classic PPO
+(SFT and the reward model: stages), for DPO (dpo) and for GRPO and RLOO (critic_free), these three
+driven step by step by our own loops (driven: what such a loop needs of a trainer). Classic PPO
 is rlhf_recipes' own (rlhf_recipes.ppo), since TRL deleted it. The rest of rlhf_recipes calls the
 names below, as trl_backend.NAME.
 """

@@ -21,6 +21,8 @@ from ..components.rollout import decode_pairs
 from ..config.methods import GRPO, RLOO, GroupSampled
 from ..config.sections import Generation, RecipeError, Reward
 from ..runtime import distributed
+from ..runtime.trainer_state import load_trainer_state, trainer_state
+from . import driven
 from .stages import trainable_dtypes_kept
 
 
@@ -113,14 +115,7 @@ def make_trainer(cfg: GroupSampled, gen: Generation, model, tokenizer, queries: 
     with no_progress_bars(), trainable_dtypes_kept(model):
         trainer = cls(model=model, reward_funcs=[reward], args=args, train_dataset=rows, processing_class=tokenizer)
     trainer.queries = queries
-    if "ref" in getattr(trainer.model, "peft_config", {}):
-        # TRL copies a PeftModel's adapter as a frozen "ref" one; the adapters-off model is the
-        # same reference (the adapter starts at zero), without a second adapter to save
-        trainer.model.delete_adapter("ref")
-    if cfg.gradient_checkpointing:  # TRL's Trainer would switch it on in train(), which our loop does not call
-        compat.enable_checkpointing(trainer.model)
-        trainer.model.config.use_cache = False
-    trainer.create_optimizer_and_scheduler(num_training_steps=updates)
+    driven.ready(trainer, cfg.gradient_checkpointing, updates)
     trainer.current_gradient_accumulation_steps = cfg.gradient_accumulation_steps  # read by the losses
     record_log_probs(trainer)
     return trainer
@@ -197,18 +192,11 @@ def update(trainer, batch: dict) -> dict[str, float] | None:
             if kl is None and iteration == 0 and "ref_per_token_logps" in chunk:  # GRPO, before its first update
                 logps = next(lp for _, grad, lp in trainer.recorded if grad)
                 kls.append(((logps - chunk["ref_per_token_logps"]) * chunk["completion_mask"]).sum(1))
-        for p in params:
-            if p.grad is None:  # the same tensors on every process, whatever this share's loss touched
-                p.grad = torch.zeros_like(p)
-        distributed.average([p.grad for p in params])  # as DDP would: every process steps alike
-        norm = float(torch.nn.utils.clip_grad_norm_(params, trainer.args.max_grad_norm or float("inf")))
-        if not torch.isfinite(torch.tensor(norm)):
+        stepped = driven.optimizer_step(trainer, params)
+        if stepped is None:
             return _undo(trainer, state)
-        rates.append(trainer.lr_scheduler.get_last_lr()[0])
-        trainer.optimizer.step()
-        trainer.lr_scheduler.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
-        norms.append(norm)
+        norms.append(stepped[0])
+        rates.append(stepped[1])
     if kl is None and kls:
         kl = torch.cat(kls)
     means = torch.tensor([sum(losses) / len(losses), float(kl.mean()) if kl is not None else 0.0], dtype=torch.float64)
@@ -221,18 +209,12 @@ def update(trainer, batch: dict) -> dict[str, float] | None:
 
 def _before_update(trainer) -> dict | None:
     """What a step with num_iterations > 1 changes before its last check: kept to undo it."""
-    if trainer.num_iterations == 1:
-        return None  # one optimizer step, taken only after every check passed
-    from ..runtime.trainer_state import trainer_state
-
-    return trainer_state(trainer)
+    return None if trainer.num_iterations == 1 else trainer_state(trainer)  # one step: taken after every check
 
 
 def _undo(trainer, state: dict | None) -> None:
     trainer.optimizer.zero_grad(set_to_none=True)
     if state is not None:
-        from ..runtime.trainer_state import load_trainer_state
-
         load_trainer_state(trainer, state)
     return None
 

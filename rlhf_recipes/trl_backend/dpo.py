@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-import numpy as np
 import torch
 import trl.trainer.dpo_trainer
 from trl import DPOConfig, DPOTrainer
@@ -16,6 +15,7 @@ from ..components.data import encode_prompt, render_prompt, turn_end_id
 from ..components.rollout import end_ids
 from ..config.sections import DPO, Prompts, RecipeError
 from ..runtime import distributed
+from . import driven
 from .stages import trainable_dtypes_kept
 
 RENAMED = {"aot_pair": "aot_unpaired"}  # TRL 0.11.4's name -> TRL 1.x's, the same loss
@@ -127,15 +127,8 @@ def make_dpo_trainer(cfg: DPO, model, tokenizer, train: list[tuple[str, str, str
         # TRL 1.x tokenizes text rows only: it gets one, then our tokenized rows, which its collator takes as they are
         stub = Dataset.from_dict({"prompt": ["a"], "chosen": [" b"], "rejected": [" c"]})
         trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=stub, processing_class=tokenizer)
-        if "ref" in getattr(trainer.model, "peft_config", {}):
-            # TRL copies a PeftModel's adapter as a frozen "ref" one; the adapters-off model is the
-            # same reference (the adapter starts at zero), without a second adapter to save
-            trainer.model.delete_adapter("ref")
         trainer.train_dataset, trainer.eval_dataset = train_rows, held_rows
-    if checkpointing:  # TRL's Trainer would switch it on in train(), which our loop does not call
-        compat.enable_checkpointing(trainer.model)
-        trainer.model.config.use_cache = False
-    trainer.create_optimizer_and_scheduler(num_training_steps=steps)
+    driven.ready(trainer, checkpointing, steps)
     return trainer
 
 
@@ -171,22 +164,10 @@ def dpo_update(trainer: DPOTrainer, rows: list[dict]) -> dict[str, float] | None
         (loss / passes).backward()
         for k, v in {"loss": float(loss.detach()), **metrics}.items():
             totals[k] = totals.get(k, 0.0) + v / passes
-    # as DDP would: every process steps with the mean gradient, and so stays an identical copy
-    for p in params:
-        if p.grad is None:  # the same tensors on every process, whatever this share's loss touched
-            p.grad = torch.zeros_like(p)
-    distributed.average([p.grad for p in params])
     keys = sorted(totals)
     means = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
     distributed.average([means])
-    totals = dict(zip(keys, means.tolist()))
-    clip = trainer.args.max_grad_norm or float("inf")
-    norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-    if not np.isfinite(norm):
-        trainer.optimizer.zero_grad(set_to_none=True)
+    stepped = driven.optimizer_step(trainer, params)  # every process with the mean gradient: identical copies
+    if stepped is None:
         return None
-    rate = trainer.lr_scheduler.get_last_lr()[0]  # this step's
-    trainer.optimizer.step()
-    trainer.lr_scheduler.step()
-    trainer.optimizer.zero_grad(set_to_none=True)
-    return {**totals, "grad_norm": norm, "learning_rate": rate}
+    return {**dict(zip(keys, means.tolist())), "grad_norm": stepped[0], "learning_rate": stepped[1]}
