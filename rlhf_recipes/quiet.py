@@ -19,6 +19,8 @@ _WARNINGS = [  # (message regex, category, module regex)
     (r"`max_length` is ignored when `padding`=`True`", UserWarning, r"transformers\."),
     # transformers 5.x: PEFT still asks for the old name
     (r"`is_gradient_checkpointing` is deprecated", FutureWarning, r"transformers\."),
+    # DeepSpeed 0.19's ZeRO-3 gathers with the call torch 2.13 renamed
+    (r"`torch\.distributed\.all_gather_into_tensor` is deprecated", FutureWarning, r"torch\."),
 ]
 _LOG_MESSAGES = {  # logger name -> substrings of records to drop
     "transformers.tokenization_utils_base": ["Please note that with a fast tokenizer"],

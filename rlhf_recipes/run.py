@@ -89,7 +89,7 @@ def _run_stages(recipe, until: str) -> int:
 
     if getattr(recipe, until) is None:
         raise RecipeError(f"--stage {until}: recipe {recipe.name!r} has no {until} stage")
-    distributed.deepspeed_plugin(recipe.ppo)  # ZeRO-3 and FSDP are refused here too
+    distributed.deepspeed_plugin(recipe)  # what cannot run is refused here too
     check_output_dir(Path(recipe.run.output_dir), overwrite=False, resume=True)  # a run's directory is fine
     distributed.check_shared(Path(recipe.run.output_dir))
     prepare(recipe, Path(recipe.run.output_dir), distributed.init().device, until=until)

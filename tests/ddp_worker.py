@@ -1,9 +1,11 @@
 """Run by tests/test_distributed.py under `accelerate launch`: train a recipe through the Python
-API, then save this process's trainable parameters to DUMP_DIR/rank-R.safetensors, and the
-devices its policy's weights are on to DUMP_DIR/rank-R.json.
+API, then save this process's trainable parameters to DUMP_DIR/rank-R.safetensors (gathered whole
+under ZeRO-3), the devices its policy's weights are on to DUMP_DIR/rank-R.json, and how many of the
+frozen weights' elements it holds, of how many, to DUMP_DIR/rank-R.held.json (ZeRO-3: its share).
 
-    accelerate launch ... tests/ddp_worker.py DUMP_DIR RECIPE [section.field=value ...]
+    accelerate launch ... tests/ddp_worker.py DUMP_DIR RECIPE [section.field=value ...] [--resume]
 """
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -14,13 +16,24 @@ from rlhf_recipes.runtime import distributed
 from rlhf_recipes.config.recipe import apply_overrides, load_recipe
 
 if __name__ == "__main__":
-    dump, name, overrides = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+    dump, name, overrides = Path(sys.argv[1]), sys.argv[2], [a for a in sys.argv[3:] if a != "--resume"]
     distributed.init()  # before any model is loaded, as the command line does
     from rlhf_recipes.loops.training import train
 
-    result = train(apply_overrides(load_recipe(name), overrides))
+    result = train(apply_overrides(load_recipe(name), overrides), resume="--resume" in sys.argv)
     rank, _ = distributed.world()
-    save_file({n: p.detach().cpu().contiguous() for n, p in result.policy.named_parameters() if p.requires_grad},
-              dump / f"rank-{rank}.safetensors")
+    params = list(result.policy.named_parameters())
+    frozen = [p for _, p in params if not p.requires_grad]
+    held = {"held": sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in frozen),
+            "total": sum(getattr(p, "ds_numel", p.numel()) for p in frozen)}
+    (dump / f"rank-{rank}.held.json").write_text(json.dumps(held))
+    trained = [(n, p) for n, p in params if p.requires_grad]
+    gathered = contextlib.nullcontext()
+    if any(hasattr(p, "ds_id") for _, p in trained):  # ZeRO-3: each process holds a share
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters([p for _, p in trained])
+    with gathered:
+        save_file({n: p.detach().cpu().contiguous() for n, p in trained}, dump / f"rank-{rank}.safetensors")
     (dump / f"rank-{rank}.json").write_text(json.dumps(sorted({str(p.device) for p in result.policy.parameters()})))
     distributed.shutdown()

@@ -247,47 +247,62 @@ def test_8bit_policy_on_each_process_scores_its_own_share_of_the_batch(tiny_dir,
     assert all(torch.equal(v, ranks[1][k]) for k, v in ranks[0].items())
 
 
-@pytest.mark.parametrize("config, error", [
-    ({"zero_optimization": {"stage": 3}}, "DeepSpeed ZeRO-3 is not supported"),
-    ({"zero_optimization": {"stage": 2}, "gradient_clipping": 0.5},
+@pytest.mark.parametrize("name, overrides, config, error", [
+    ("quickstart", [], {"zero_optimization": {"stage": 3}}, "DeepSpeed ZeRO-3 is not supported for PPO"),
+    ("quickstart", [], {"zero_optimization": {"stage": 2}, "gradient_clipping": 0.5},
      'the DeepSpeed config sets gradient_clipping=0.5 but ppo.max_grad_norm=1.0; set it to "auto"'),
+    ("quickstart_dpo", ["policy.quantization=8bit"], {"zero_optimization": {"stage": 3}},
+     "DeepSpeed ZeRO-3 cannot partition policy.quantization=8bit's bitsandbytes weights"),
+    ("quickstart_grpo", [], {"zero_optimization": {"stage": 3}, "gradient_accumulation_steps": 2},
+     'the DeepSpeed config sets gradient_accumulation_steps=2 but grpo.gradient_accumulation_steps=1'),
 ])
-def test_deepspeed_settings_that_cannot_run_are_refused(config, error, tmp_path, monkeypatch):
-    ppo = load_recipe("quickstart").ppo
+def test_deepspeed_settings_that_cannot_run_are_refused(name, overrides, config, error, tmp_path, monkeypatch):
+    recipe = apply_overrides(load_recipe(name), overrides)
     distributed.init()  # made before DeepSpeed's variables are set, as a launch would have it
     (tmp_path / "ds.json").write_text(json.dumps(config))
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(tmp_path / "ds.json"))
     with pytest.raises(RecipeError, match=error):
-        distributed.deepspeed_plugin(ppo)
+        distributed.deepspeed_plugin(recipe)
 
 
-def test_fsdp_is_refused(monkeypatch):
+@pytest.mark.parametrize("name", ["quickstart", "quickstart_dpo", "quickstart_grpo", "quickstart_rloo"])
+def test_fsdp_is_refused_before_anything_is_written(name, monkeypatch, tmp_path):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(RecipeError, match="FSDP is not supported"):
-        distributed.deepspeed_plugin(load_recipe("quickstart").ppo)
-
-
-@pytest.mark.parametrize("name", ["quickstart_dpo", "quickstart_grpo", "quickstart_rloo"])
-@pytest.mark.parametrize("engine", ["DEEPSPEED", "FSDP"])
-def test_dpo_grpo_and_rloo_under_deepspeed_or_fsdp_are_refused_before_anything_is_written(engine, name, monkeypatch,
-                                                                                        tmp_path):
-    monkeypatch.setenv(f"ACCELERATE_USE_{engine}", "true")
+        distributed.deepspeed_plugin(load_recipe(name))
     assert main([name, f"run.output_dir={tmp_path / 'run'}"]) == 2
     assert not (tmp_path / "run").exists()
 
 
-def test_deepspeed_takes_batch_accumulation_and_clipping_from_the_recipe(monkeypatch):
-    ppo = load_recipe("quickstart").ppo
+def test_a_stage_is_not_trained_under_zero3_and_nothing_is_written(monkeypatch, tmp_path, capsys):
     distributed.init()
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ROOT / "accelerate" / "zero2.json"))
-    config = distributed.deepspeed_plugin(ppo).deepspeed_config
-    assert config["zero_optimization"]["stage"] == 2
-    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
-            config["gradient_clipping"]) == (ppo.mini_batch_size, ppo.gradient_accumulation_steps, ppo.max_grad_norm)
-    assert distributed.deepspeed_plugin(dataclasses.replace(ppo, max_grad_norm=None)) \
-        .deepspeed_config["gradient_clipping"] == 0.0  # DeepSpeed's "no clipping"
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ROOT / "accelerate" / "zero3.json"))
+    assert main(["quickstart_dpo", f"run.output_dir={tmp_path / 'run'}"]) == 2
+    assert "the sft stage does not train under DeepSpeed ZeRO-3; train the stages first" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("name, overrides, micro, passes", [
+    ("quickstart", [], 32, 1),  # ppo.mini_batch_size
+    ("quickstart_dpo", ["dpo.gradient_accumulation_steps=2"], 16, 2),  # 32 pairs in 2 passes
+    ("quickstart_grpo", [], 128, 1),  # 16 prompts x 8 responses
+])
+def test_deepspeed_takes_batch_accumulation_and_clipping_from_the_recipe(name, overrides, micro, passes, monkeypatch):
+    recipe = apply_overrides(load_recipe(name), overrides)
+    distributed.init()
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    for stage in ("zero2", "zero3") if name != "quickstart" else ("zero2",):
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ROOT / "accelerate" / f"{stage}.json"))
+        config = distributed.deepspeed_plugin(recipe).deepspeed_config
+        assert config["zero_optimization"]["stage"] == int(stage[-1])
+        clip = getattr(recipe, recipe.method).max_grad_norm
+        assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
+                config["gradient_clipping"], config["train_batch_size"]) == (micro, passes, clip, micro * passes)
+    section = getattr(recipe, recipe.method)
+    unclipped = dataclasses.replace(recipe, **{recipe.method: dataclasses.replace(section, max_grad_norm=None)})
+    assert distributed.deepspeed_plugin(unclipped).deepspeed_config["gradient_clipping"] == 0.0  # DeepSpeed's "none"
 
 
 @pytest.mark.skipif(not is_deepspeed_available(), reason="DeepSpeed is not installed (pip install deepspeed)")
@@ -411,3 +426,59 @@ def test_grpo_on_two_processes_trains_identical_copies_on_the_whole_batch_and_on
     assert saved.step == 3 and saved.state["processes"] == 2 and len(saved.state["rng"]) == 2
     evaluation = json.loads((out / "eval.json").read_text())
     assert [e["step"] for e in evaluation["during"]] == [2] and evaluation["after"]["step"] == 3
+
+
+# ---------------------------------------------------------------------------- ZeRO-3 on two processes
+ZERO3 = ("--config_file", str(ROOT / "accelerate" / "zero3.yaml"))
+needs_deepspeed = pytest.mark.skipif(not is_deepspeed_available(), reason="DeepSpeed is not installed "
+                                                                            "(pip install deepspeed)")
+
+
+def holds_half_of_the_frozen_weights(root: Path) -> bool:
+    """Whether each process held only its share of the frozen weights (ZeRO-3's partition)."""
+    held = [json.loads((root / f"rank-{r}.held.json").read_text()) for r in (0, 1)]
+    return all(0 < h["held"] <= 0.51 * h["total"] for h in held) and held[0]["total"] == held[1]["total"]
+
+
+@needs_deepspeed
+def test_dpo_under_zero3_partitions_the_weights_resumes_and_matches_ddp(dpo_run, tmp_path_factory):
+    """accelerate/zero3.yaml as shipped: every weight partitioned between the processes, gathered
+    for the main process's evaluation and saving; stopped after step 2 and resumed, it ends where
+    DDP's uninterrupted run did, to float rounding."""
+    root = tmp_path_factory.mktemp("zero3_dpo")
+    out = root / "run"
+    shutil.copytree(dpo_run[1] / "stages", out / "stages")  # stages do not train under ZeRO-3
+    args = ["quickstart_dpo", *DPO_QUICKSTART, f"run.output_dir={out}"]
+    launch("-m", "rlhf_recipes.run", *args, "run.steps=2", launcher=ZERO3)
+    optimizer = latest(out).state["trainer"]["optimizer"]
+    assert isinstance(optimizer, list) and len(optimizer) == 2  # each process's share
+    launch(str(TESTS / "ddp_worker.py"), str(root), *args, "run.steps=3", "--resume", launcher=ZERO3)
+    assert holds_half_of_the_frozen_weights(root) and identical_trained_copies(root)
+    resumed = load_file(out / "model" / "adapter_model.safetensors")
+    for name, value in load_file(dpo_run[1] / "model" / "adapter_model.safetensors").items():
+        assert torch.allclose(resumed[name], value, atol=2e-4), name  # a step moves them about 2e-3
+    for ours, ddp in zip(metrics(out), metrics(dpo_run[1]), strict=True):
+        assert ours["step"] == ddp["step"] and ours["rewards/margins"] == pytest.approx(ddp["rewards/margins"], abs=1e-3)
+    # the main process evaluates alone with the weights gathered whole: DDP's evaluation, to rounding
+    ours, ddp = (json.loads((d / "eval.json").read_text()) for d in (out, dpo_run[1]))
+    assert ours["before"]["policy"]["kl"]["mean"] == 0.0
+    for key in ("reward", "kl"):
+        assert ours["after"]["policy"][key]["mean"] == pytest.approx(ddp["after"]["policy"][key]["mean"], abs=1e-4)
+
+
+@needs_deepspeed
+def test_grpo_under_zero3_samples_with_the_whole_policy_and_trains_partitioned(grpo_run, tmp_path_factory):
+    root = tmp_path_factory.mktemp("zero3_grpo")
+    out = root / "run"
+    shutil.copytree(grpo_run[1] / "stages", out / "stages")
+    launch(str(TESTS / "ddp_worker.py"), str(root), "quickstart_grpo", *GRPO_QUICKSTART, "run.steps=3",
+           f"run.output_dir={out}", launcher=ZERO3)
+    assert holds_half_of_the_frozen_weights(root) and identical_trained_copies(root)
+    rows, ddp = metrics(out), metrics(grpo_run[1])
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["env/batch_size"] == 32 for r in rows)
+    # every process samples with the weights gathered whole: DDP's samples, rewards and KL, to rounding
+    assert rows[0]["objective/kl"] == 0.0
+    for ours, theirs in zip(rows, ddp, strict=True):
+        assert ours["env/reward_mean"] == pytest.approx(theirs["env/reward_mean"], abs=1e-5)
+        assert ours["objective/kl"] == pytest.approx(theirs["objective/kl"], abs=1e-5)
+    assert latest(out).step == 3 and len(latest(out).state["trainer"]["optimizer"]) == 2

@@ -14,7 +14,6 @@ averaged, as PPO's objective/kl is), grpo/loss/total, grpo/policy/entropy and TR
 """
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -44,9 +43,6 @@ def refuse(recipe: Recipe, encoder_decoder: bool, processes: int) -> None:
         raise RecipeError(f"{name}.batch_size x num_generations ({samples}) must be a multiple of the processes times "
                           f"{name}.gradient_accumulation_steps ({processes} x {cfg.gradient_accumulation_steps}): "
                           "each process takes an equal share of every batch")
-    if any(os.environ.get(f"ACCELERATE_USE_{k}", "false").lower() == "true" for k in ("DEEPSPEED", "FSDP")):
-        raise RecipeError(f"{name} runs under DDP (accelerate/ddp.yaml): DeepSpeed and FSDP are not supported for "
-                          f"{name.upper()} yet")
     if encoder_decoder:
         raise RecipeError(f"{name}: policy.model {recipe.policy.model!r} is an encoder-decoder, and TRL's "
                           f"{name.upper()} trains causal LMs only; use PPO (a ppo section) for this policy")
@@ -79,7 +75,8 @@ def train_critic_free(recipe: Recipe, resume: bool = False) -> TrainResult:
     with tempfile.TemporaryDirectory(prefix=f"rlhf_recipes-{method}-") as work:
         trainer = trl_backend.make_critic_free_trainer(cfg, recipe.generation, started.policy.pretrained_model,
                                                        started.tokenizer, prompts.train, reward, run.steps, run.seed,
-                                                       Path(work), processes)
+                                                       Path(work), processes, started.deepspeed)
+    started.whole_model = lambda: trl_backend.whole_model(trainer)
     set_seed(run.seed, device_specific=True)  # seed + rank: each process samples its own responses
     evaluation, records, start, skipped, bad_in_row = start_records(
         started, lambda state: load_trainer_state(trainer, state["trainer"]))
@@ -98,8 +95,9 @@ def train_critic_free(recipe: Recipe, resume: bool = False) -> TrainResult:
 
     def save_checkpoint(done: int) -> Path:
         rngs = distributed.gather([checkpoint.rng_state()])  # each process's own, to resume its own sampling
-        state = {"trainer": trainer_state(trainer), "num_prompts": len(prompts.train), "processes": processes,
-                 "deepspeed": False, "skipped": skipped, "bad_in_row": bad_in_row, "evaluation": evaluation}
+        state = {"trainer": trainer_state(trainer, all_processes=True), "num_prompts": len(prompts.train),
+                 "processes": processes, "deepspeed": started.deepspeed is not None, "skipped": skipped,
+                 "bad_in_row": bad_in_row, "evaluation": evaluation}
         return distributed.from_main(checkpoint.save(out, done, state, records, run.keep_checkpoints, rngs)
                                      if main else None)
 

@@ -16,7 +16,6 @@ on samples: neither a reward nor a KL.
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -77,8 +76,6 @@ def train_dpo(recipe: Recipe, resume: bool = False) -> TrainResult:
     Raises RunStopped when a signal or repeated non-finite batches stop it early.
     """
     cfg, run = recipe.dpo, recipe.run
-    if any(os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() == "true" for name in ("DEEPSPEED", "FSDP")):
-        raise RecipeError("dpo runs under DDP (accelerate/ddp.yaml): DeepSpeed and FSDP are not supported for DPO yet")
     started = begin(recipe, resume)
     rank, processes = started.state.process_index, started.state.num_processes
     if processes > 1 and cfg.batch_size % (processes * cfg.gradient_accumulation_steps):
@@ -102,7 +99,9 @@ def train_dpo(recipe: Recipe, resume: bool = False) -> TrainResult:
     with tempfile.TemporaryDirectory(prefix="rlhf_recipes-dpo-") as work:
         trainer = trl_backend.make_dpo_trainer(cfg, started.policy.pretrained_model, tokenizer, train_rows, held_rows,
                                                steps, run.seed, Path(work), cfg.gradient_checkpointing,
-                                               chat=recipe.prompts if recipe.prompts.chat_template else None)
+                                               chat=recipe.prompts if recipe.prompts.chat_template else None,
+                                               deepspeed=started.deepspeed)
+    started.whole_model = lambda: trl_backend.whole_model(trainer)
 
     def evaluate_now(step: int, check: bool = False) -> dict:
         record = started.held_out(step, check)  # the recipe's reward and KL of samples, as for PPO,
@@ -129,8 +128,9 @@ def train_dpo(recipe: Recipe, resume: bool = False) -> TrainResult:
 
     def save_checkpoint(done: int) -> Path:
         rngs = distributed.gather([checkpoint.rng_state()])
-        state = {"trainer": trl_backend.trainer_state(trainer), "num_pairs": len(train_rows),
-                 "num_prompts": len(started.prompts.train), "processes": processes, "deepspeed": False,
+        state = {"trainer": trl_backend.trainer_state(trainer, all_processes=True), "num_pairs": len(train_rows),
+                 "num_prompts": len(started.prompts.train), "processes": processes,
+                 "deepspeed": started.deepspeed is not None,
                  "skipped": skipped, "bad_in_row": bad_in_row, "evaluation": evaluation}
         return distributed.from_main(checkpoint.save(out, done, state, records, run.keep_checkpoints, rngs)
                                      if main else None)

@@ -4,8 +4,11 @@ start (`begin`, `load_models`, `start_records`), each step's record and checkpoi
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,13 +65,17 @@ class Started:
     """The recipe after its stages (policy.model and reward.model at their outputs), once load_models ran."""
     reward_fn: object = None
     policy: object = None
+    whole_model: Callable[[], ContextManager] = contextlib.nullcontext
+    """Entered by every process around what the main one does alone with the policy (evaluate,
+    save): under ZeRO-3, which partitions the weights, it gathers them whole (trl_backend.whole_model)."""
 
     def held_out(self, step: int, check: bool = False) -> dict:
         """The held-out evaluation at `step`, on the main process (the others wait for its result)."""
         main = self.state.is_main_process
-        return distributed.from_main(evaluate(self.policy, self.tokenizer, self.reward_fn, self.prompts.heldout,
-                                              self.trained, self.state.device, step, check_reference=check)
-                                     if main else None)
+        with self.whole_model():
+            return distributed.from_main(evaluate(self.policy, self.tokenizer, self.reward_fn, self.prompts.heldout,
+                                                  self.trained, self.state.device, step, check_reference=check)
+                                         if main else None)
 
 
 def begin(recipe: Recipe, resume: bool) -> Started:
@@ -87,7 +94,7 @@ def begin(recipe: Recipe, resume: bool) -> Started:
     state = distributed.init()
     distributed.check_shared(out)  # every process reads what the main one writes there
     # refuses what cannot run, before minutes of loading
-    deepspeed = distributed.deepspeed_plugin(recipe.ppo) if recipe.ppo is not None else None
+    deepspeed = distributed.deepspeed_plugin(recipe)
     startup.check_device(recipe, state.device)
     busy = startup.set_threads(run, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if busy:
@@ -179,8 +186,10 @@ def finish(run: Started, evaluation: dict, records: list[dict], tracked, steps: 
     """Save the policy, show the last samples (`last`: prompts, responses, rewards), evaluate
     after training (with `evaluate_now(step, check)`, run.held_out by default) and write the report."""
     out, main, ppo = run.out, run.state.is_main_process, run.recipe.ppo is not None
-    if main:
-        save_policy(run.policy, run.tokenizer, out / MODEL, value_head=ppo)
+    with run.whole_model():
+        if main:
+            save_policy(run.policy, run.tokenizer, out / MODEL, value_head=ppo)
+        distributed.barrier()
     if last is not None:
         sample_table(f"samples at step {steps}", *last, run.recipe.run.sample_rows)
         tracked.log_samples(steps, *last)

@@ -65,6 +65,10 @@ def prepare(recipe: Recipe, out: Path, device: torch.device, train: bool = True,
                 if not train:
                     raise RecipeError(f"{target} is missing or was trained from other inputs; "
                                       "run the recipe again to rebuild it")
+                if distributed.zero3():  # our stages merge and save whole models, which ZeRO-3 partitions
+                    raise RecipeError(f"the {name} stage does not train under DeepSpeed ZeRO-3; train the stages "
+                                      "first with as many processes under accelerate/zero2.yaml or ddp.yaml "
+                                      "(--stage reward_model), and the ZeRO-3 run reuses them")
                 _build(target, fingerprint, lambda tmp: run_stage(recipe, base, tmp, device, out))
             else:
                 console.print(f"{name}: reusing {target} (its inputs are unchanged)")

@@ -24,7 +24,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 if TYPE_CHECKING:
     from accelerate.utils import DeepSpeedPlugin
 
-# DeepSpeed settings the recipe's ppo section decides (see deepspeed_plugin)
+# DeepSpeed settings the recipe's method section decides (see deepspeed_plugin)
 _FROM_RECIPE = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
                 "train_batch_size")
 
@@ -140,35 +140,51 @@ def barrier() -> None:
         dist.barrier()
 
 
-def deepspeed_plugin(ppo) -> DeepSpeedPlugin | None:
-    """None unless launched with DeepSpeed; then its plugin, with the recipe's PPO section
-    filling what the config leaves "auto" and refusing what contradicts it.
+def engine() -> str | None:
+    """The engine `accelerate launch` was told to run under: "deepspeed", "fsdp", or None (DDP)."""
+    for name in ("DEEPSPEED", "FSDP"):
+        if os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() == "true":
+            return name.lower()
+    return None
 
-    The PPO trainer hands DeepSpeed no dataloader, so DeepSpeed cannot infer its micro
-    batch; and under DeepSpeed clipping is DeepSpeed's gradient_clipping, not
-    ppo.max_grad_norm. ZeRO-3 and FSDP are refused: they partition the weights, but each
-    process samples with the whole policy every step (and the main one evaluates alone).
+
+def deepspeed_plugin(recipe) -> DeepSpeedPlugin | None:
+    """None unless launched with DeepSpeed; then its plugin, with the recipe's method section
+    filling what the config leaves "auto" and refusing what contradicts it, or what cannot run.
+
+    Our loops hand DeepSpeed no dataloader, so it cannot infer its micro batch; and under
+    DeepSpeed clipping is DeepSpeed's gradient_clipping, not the section's max_grad_norm.
+    FSDP is refused for every method, ZeRO-3 for PPO (see _NOT_ZERO3) and for a quantized policy.
     """
     from ..config.sections import RecipeError
 
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        raise RecipeError("FSDP is not supported: every process samples with the whole policy at each step; use "
-                          "accelerate/ddp.yaml, and policy.quantization=8bit or 4bit for a model that does not fit one GPU")
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+    method = recipe.method
+    if engine() == "fsdp":
+        raise RecipeError(f"FSDP is not supported for {method.upper()}: accelerate runs FSDP on GPUs only, so it is "
+                          "untested here; use accelerate/zero3.yaml (DeepSpeed ZeRO-3), which partitions the weights "
+                          "the same way" if method != "ppo" else _NOT_ZERO3.replace("ZeRO-3", "FSDP"))
+    if engine() != "deepspeed":
         return None
     from accelerate.utils import DeepSpeedPlugin
 
     plugin = DeepSpeedPlugin()
     config = plugin.deepspeed_config
-    if int(config.get("zero_optimization", {}).get("stage", 0)) == 3:
-        raise RecipeError("DeepSpeed ZeRO-3 is not supported: every process samples with the whole policy at each "
-                          "step; use accelerate/ddp.yaml or accelerate/zero2.yaml, and policy.quantization=8bit or "
-                          "4bit for a model that does not fit one GPU")
-    wanted = {"train_micro_batch_size_per_gpu": ("ppo.mini_batch_size", ppo.mini_batch_size),
-              "gradient_accumulation_steps": ("ppo.gradient_accumulation_steps", ppo.gradient_accumulation_steps),
-              "gradient_clipping": ("ppo.max_grad_norm", ppo.max_grad_norm or 0.0),  # 0: DeepSpeed does not clip
-              "train_batch_size": ("ppo.mini_batch_size x ppo.gradient_accumulation_steps x processes",
-                                   ppo.mini_batch_size * ppo.gradient_accumulation_steps * world()[1])}
+    if int(plugin.zero_stage) == 3:
+        if method == "ppo":
+            raise RecipeError(_NOT_ZERO3)
+        if recipe.policy.quantization != "none":
+            raise RecipeError(f"DeepSpeed ZeRO-3 cannot partition policy.quantization={recipe.policy.quantization}'s "
+                              "bitsandbytes weights; use accelerate/zero2.yaml or ddp.yaml for a quantized policy, or "
+                              "policy.quantization=none with ZeRO-3")
+    cfg, processes = getattr(recipe, method), world()[1]
+    passes = cfg.gradient_accumulation_steps
+    micro = {"ppo": lambda: cfg.mini_batch_size, "dpo": lambda: cfg.batch_size // (processes * passes)}.get(
+        method, lambda: cfg.batch_size * cfg.num_generations // (processes * passes))()
+    wanted = {"train_micro_batch_size_per_gpu": (f"{method}'s micro batch", micro),
+              "gradient_accumulation_steps": (f"{method}.gradient_accumulation_steps", passes),
+              "gradient_clipping": (f"{method}.max_grad_norm", cfg.max_grad_norm or 0.0),  # 0: DeepSpeed does not clip
+              "train_batch_size": (f"{method}'s micro batch x {method}.gradient_accumulation_steps x processes",
+                                   micro * passes * processes)}
     for key, (field, value) in wanted.items():
         given = config.get(key, "auto")
         if given == "auto":
@@ -179,9 +195,32 @@ def deepspeed_plugin(ppo) -> DeepSpeedPlugin | None:
     return plugin
 
 
+# why our PPO does not run partitioned: it samples and scores with the whole policy on every
+# process at every step, and its rollback of a non-finite step copies the trainable weights and
+# optimizer state as tensors of their own
+_NOT_ZERO3 = ("DeepSpeed ZeRO-3 is not supported for PPO: every process samples with the whole policy at each step; "
+              "use accelerate/ddp.yaml or accelerate/zero2.yaml, and policy.quantization=8bit or 4bit for a model "
+              "that does not fit one GPU (DPO, GRPO and RLOO run under accelerate/zero3.yaml)")
+
+
+def zero_stage(accelerator) -> int:
+    """The ZeRO stage `accelerator` runs (0 without DeepSpeed)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return int(plugin.zero_stage) if plugin is not None else 0
+
+
+def zero3() -> bool:
+    """Whether this launch runs DeepSpeed ZeRO-3, which partitions the weights between processes."""
+    if engine() != "deepspeed":
+        return False
+    from accelerate.utils import DeepSpeedPlugin
+
+    return int(DeepSpeedPlugin().zero_stage) == 3
+
+
 def live_deepspeed(plugin: DeepSpeedPlugin | None) -> DeepSpeedPlugin | None:
-    """The plugin to hand a new Accelerator: `plugin`, or None once its PPO settings are copied
-    into the plugin an earlier Accelerator (a stage's Trainer) made, which accelerate keeps."""
+    """The plugin to hand a new Accelerator: `plugin`, or None once the recipe's settings are
+    copied into the plugin an earlier Accelerator (a stage's Trainer) made, which accelerate keeps."""
     from accelerate.state import AcceleratorState
 
     if plugin is None or AcceleratorState._shared_state == {} or AcceleratorState().deepspeed_plugin is None:

@@ -6,6 +6,7 @@ A trainer here is anything with an accelerator, a model, an optimizer and an lr_
 running reward moments (running)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -21,15 +22,19 @@ def trainer_state(trainer, all_processes: bool = False) -> dict:
     and for PPO the KL controller's coefficient and the running reward moments (used by
     use_score_scaling). The frozen base is not included: it never changes.
     DeepSpeed's optimizer holds only this process's share of the state: all_processes
-    gathers every process's share (a list in rank order), for a checkpoint.
+    gathers every process's share (a list in rank order), for a checkpoint. Every process calls
+    it: under ZeRO-3 the trainable parameters are gathered whole from all of them.
     """
     running = getattr(trainer, "running", None)  # PPO's reward moments (DPO has none)
     gather = all_processes and _sharded(trainer)  # on the CPU: unpickled, a tensor returns to the device it left
     optimizer = _plain(trainer.optimizer.state_dict(), torch.device("cpu") if gather else None)
     if gather:
         optimizer = distributed.gather([optimizer])
+    trainable = [(n, p) for n, p in _policy(trainer).named_parameters() if p.requires_grad]
+    with _gathered([p for _, p in trainable], modify=False):
+        params = {n: p.detach().clone() for n, p in trainable}
     return {
-        "params": {n: p.detach().clone() for n, p in _policy(trainer).named_parameters() if p.requires_grad},
+        "params": params,
         "optimizer": optimizer,
         "lr_scheduler": copy.deepcopy(trainer.lr_scheduler.state_dict()) if trainer.lr_scheduler else None,
         "kl_coef": float(trainer.kl_ctl.value) if hasattr(trainer, "kl_ctl") else None,  # PPO's; DPO has none
@@ -44,13 +49,16 @@ def load_trainer_state(trainer, state: dict) -> None:
     if missing:
         raise RecipeError(f"the checkpoint's trainable parameters do not match the policy (e.g. {missing[0]}); "
                           "resume with the recipe the run was trained with")
-    with torch.no_grad():
+    with torch.no_grad(), _gathered([params[name] for name in state["params"]], modify=True):
         for name, value in state["params"].items():
             params[name].copy_(value)
     optimizer = _plain(state["optimizer"])  # a copy: loading may alias the tensors
     if _sharded(trainer):  # DeepSpeed takes every process's share and reads its own; after the
         # parameters, from which it rebuilds its fp32 copy of them
         optimizer = optimizer if isinstance(optimizer, list) else [optimizer] * distributed.world()[1]
+        # what a checkpoint cannot hold (ZeRO-3 reads its loss scaler object back): kept as it is
+        current = trainer.optimizer.state_dict()
+        optimizer = [{**{k: v for k, v in current.items() if k not in share}, **share} for share in optimizer]
     trainer.optimizer.load_state_dict(optimizer)
     if trainer.lr_scheduler is not None and state["lr_scheduler"] is not None:
         trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -58,6 +66,17 @@ def load_trainer_state(trainer, state: dict) -> None:
         trainer.kl_ctl.value = state["kl_coef"]
     for key, value in (state["running"] or {}).items():
         setattr(trainer.running, key, value)
+
+
+def _gathered(params: list[torch.nn.Parameter], modify: bool):
+    """Every process enters it: under ZeRO-3, which partitions each parameter between the processes,
+    `params` are whole inside it (and, with `modify`, what the main process writes into them is
+    partitioned again on leaving); otherwise it does nothing."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
 
 
 def _sharded(trainer) -> bool:

@@ -81,10 +81,11 @@ def check_vllm(cfg: GroupSampled) -> None:
 
 
 def make_trainer(cfg: GroupSampled, gen: Generation, model, tokenizer, queries: list[torch.Tensor], reward: RecipeReward,
-                 steps: int, seed: int, work_dir: Path, processes: int):
+                 steps: int, seed: int, work_dir: Path, processes: int, deepspeed=None):
     """TRL's GRPOTrainer or RLOOTrainer for a PEFT `model` (the reference is `model` with its adapters
     off), the section passed through, an optimizer and schedule for `steps` of our steps (each
-    cfg.num_iterations updates), and the log-probs it computes recorded (record_log_probs)."""
+    cfg.num_iterations updates), and the log-probs it computes recorded (record_log_probs).
+    deepspeed: a DeepSpeed launch's plugin (driven.ready)."""
     from datasets import Dataset
 
     from ..components.data import no_progress_bars
@@ -100,7 +101,7 @@ def make_trainer(cfg: GroupSampled, gen: Generation, model, tokenizer, queries: 
         max_completion_length=gen.response_max_tokens, top_k=gen.top_k, top_p=gen.top_p,
         max_steps=updates, max_grad_norm=cfg.max_grad_norm or 0.0, lr_scheduler_type=cfg.lr_scheduler,
         **compat.warmup(cfg.warmup_ratio), weight_decay=0.0, seed=seed, save_strategy="no", report_to="none",
-        disable_tqdm=True, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), disable_dropout=True,
+        disable_tqdm=True, dataloader_num_workers=0, **driven.device_args(), disable_dropout=True,
         use_vllm=cfg.use_vllm, vllm_mode="colocate", log_completions=False, shuffle_dataset=False,
         # TRL 1.x's defaults turned these on: the policy's own dtype, and checkpointing as asked
         bf16=False, fp16=False, **compat.checkpointing_args(cfg.gradient_checkpointing))
@@ -115,7 +116,7 @@ def make_trainer(cfg: GroupSampled, gen: Generation, model, tokenizer, queries: 
     with no_progress_bars(), trainable_dtypes_kept(model):
         trainer = cls(model=model, reward_funcs=[reward], args=args, train_dataset=rows, processing_class=tokenizer)
     trainer.queries = queries
-    driven.ready(trainer, cfg.gradient_checkpointing, updates)
+    driven.ready(trainer, cfg.gradient_checkpointing, updates, deepspeed)
     trainer.current_gradient_accumulation_steps = cfg.gradient_accumulation_steps  # read by the losses
     record_log_probs(trainer)
     return trainer
@@ -182,12 +183,12 @@ def update(trainer, batch: dict) -> dict[str, float] | None:
         losses.append(0.0)
         # as TRL's _prepare_inputs: shuffled, then split into the accumulation passes
         chunks = split_tensor_dict(shuffle_sequence_dict(batch), trainer.args.steps_per_generation)
-        for chunk in chunks:
+        for k, chunk in enumerate(chunks):
             trainer.recorded.clear()
-            loss = trainer.compute_loss(trainer.model, chunk)
+            loss = trainer.compute_loss(trainer.model_wrapped, chunk)  # DeepSpeed's engine, or the model
             if distributed.any_process(not bool(torch.isfinite(loss))):
                 return _undo(trainer, state)
-            loss.backward()
+            driven.backward(trainer, loss, last=k == len(chunks) - 1)
             losses[-1] += float(loss.detach())  # scaled by TRL so that the passes add up to the update's loss
             if kl is None and iteration == 0 and "ref_per_token_logps" in chunk:  # GRPO, before its first update
                 logps = next(lp for _, grad, lp in trainer.recorded if grad)
@@ -209,7 +210,7 @@ def update(trainer, batch: dict) -> dict[str, float] | None:
 
 def _before_update(trainer) -> dict | None:
     """What a step with num_iterations > 1 changes before its last check: kept to undo it."""
-    return None if trainer.num_iterations == 1 else trainer_state(trainer)  # one step: taken after every check
+    return None if trainer.num_iterations == 1 else trainer_state(trainer)  # one update: after every check
 
 
 def _undo(trainer, state: dict | None) -> None:

@@ -71,7 +71,7 @@ def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, max_length
 
 def make_dpo_trainer(cfg: DPO, model, tokenizer, train: list[tuple[str, str, str]], heldout: list[tuple[str, str, str]],
                      steps: int, seed: int, work_dir: Path, checkpointing: bool = False,
-                     chat: Prompts | None = None) -> DPOTrainer:
+                     chat: Prompts | None = None, deepspeed=None) -> DPOTrainer:
     """TRL's DPOTrainer for a PEFT `model` (the reference is `model` with its adapters off), the
     section passed through, its triples (prompt, chosen, rejected) tokenized by tokenize_pair,
     and an optimizer and schedule for `steps` updates.
@@ -79,6 +79,7 @@ def make_dpo_trainer(cfg: DPO, model, tokenizer, train: list[tuple[str, str, str
     checkpointing: non-reentrant gradient checkpointing (the policy's dpo.gradient_checkpointing).
     chat: the recipe's prompts section when prompts.chat_template is on: each prompt becomes the
     user's turn in the chat template, and each answer ends with the template's end of turn.
+    deepspeed: a DeepSpeed launch's plugin (driven.ready).
     """
     from datasets import Dataset
 
@@ -116,7 +117,7 @@ def make_dpo_trainer(cfg: DPO, model, tokenizer, train: list[tuple[str, str, str
                      max_grad_norm=cfg.max_grad_norm or 0.0, lr_scheduler_type=cfg.lr_scheduler,
                      **compat.warmup(cfg.warmup_ratio), weight_decay=0.0, seed=seed, save_strategy="no",
                      report_to="none", disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
-                     use_cpu=not torch.cuda.is_available(), precompute_ref_log_probs=False, disable_dropout=True,
+                     **driven.device_args(), precompute_ref_log_probs=False, disable_dropout=True,
                      # TRL 1.x's defaults turned these on; the policy's own dtype, and checkpointing as asked
                      bf16=False, fp16=False, **compat.checkpointing_args(checkpointing), padding_free=False)
     with no_progress_bars(), trainable_dtypes_kept(model):
@@ -128,7 +129,7 @@ def make_dpo_trainer(cfg: DPO, model, tokenizer, train: list[tuple[str, str, str
         stub = Dataset.from_dict({"prompt": ["a"], "chosen": [" b"], "rejected": [" c"]})
         trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=stub, processing_class=tokenizer)
         trainer.train_dataset, trainer.eval_dataset = train_rows, held_rows
-    driven.ready(trainer, checkpointing, steps)
+    driven.ready(trainer, checkpointing, steps, deepspeed)
     return trainer
 
 
@@ -140,7 +141,7 @@ def dpo_batch_loss(trainer: DPOTrainer, rows: list[dict], train: bool = True) ->
     store = trainer._metrics["train" if trainer.model.training else "eval"]  # where compute_loss appends them
     store.clear()
     with contextlib.nullcontext() if train else torch.no_grad():
-        loss = trainer.compute_loss(trainer.model, inputs)
+        loss = trainer.compute_loss(trainer.model_wrapped, inputs)  # DeepSpeed's engine, or the model
     metrics = {k: float(v[-1]) for k, v in store.items() if k != "num_tokens"}  # num_tokens: a running count
     store.clear()
     return loss, metrics
@@ -161,7 +162,7 @@ def dpo_update(trainer: DPOTrainer, rows: list[dict]) -> dict[str, float] | None
         if distributed.any_process(not bool(torch.isfinite(loss))):
             trainer.optimizer.zero_grad(set_to_none=True)
             return None
-        (loss / passes).backward()
+        driven.backward(trainer, loss / passes, last=start + size >= len(rows))
         for k, v in {"loss": float(loss.detach()), **metrics}.items():
             totals[k] = totals.get(k, 0.0) + v / passes
     keys = sorted(totals)
