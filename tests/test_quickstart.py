@@ -25,8 +25,10 @@ def test_a_short_quickstart_learns_and_holds_the_kl(tmp_path, quickstart_stages)
     stages = {s: json.loads((out / "stages" / s / "stage.json").read_text()) for s in ("sft", "reward_model")}
     assert stages["sft"]["heldout_loss_after"] < stages["sft"]["heldout_loss_before"]
     assert stages["reward_model"]["heldout_accuracy_after"] >= 0.9
-    # the README's figures are formatted from a run like this one, by this script
-    done = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "docs" / "readme_figures.py"),
-                           "--run-dir", str(out)], capture_output=True, text=True, timeout=60)
+    # the README's figures are formatted from a run like this one (named quickstart), by this script
+    done = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "docs" / "figures.py"),
+                           "--runs", str(out.parent), "--print"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert f"{after['policy']['judged']['mean']:.1%}" in done.stdout and "reference standard deviations" in done.stdout
+    quickstart_block = done.stdout.split("<!-- figures:quickstart -->")[1].split("<!-- figures:")[0]
+    assert f"{after['policy']['judged']['mean']:.1%}" in quickstart_block
+    assert f"{after['policy']['kl']['mean']:.2f} ±" in quickstart_block and "reference standard deviations" in quickstart_block
