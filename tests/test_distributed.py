@@ -482,3 +482,15 @@ def test_grpo_under_zero3_samples_with_the_whole_policy_and_trains_partitioned(g
         assert ours["env/reward_mean"] == pytest.approx(theirs["env/reward_mean"], abs=1e-5)
         assert ours["objective/kl"] == pytest.approx(theirs["objective/kl"], abs=1e-5)
     assert latest(out).step == 3 and len(latest(out).state["trainer"]["optimizer"]) == 2
+
+
+@needs_deepspeed
+def test_dpo_under_zero2_matches_ddp(dpo_run, tmp_path):
+    """accelerate/zero2.yaml for DPO: the optimizer state split, the weights whole on each process."""
+    out = tmp_path / "run"
+    shutil.copytree(dpo_run[1] / "stages", out / "stages")
+    launch(str(TESTS / "ddp_worker.py"), str(tmp_path), "quickstart_dpo", *DPO_QUICKSTART, "run.steps=3",
+           f"run.output_dir={out}", launcher=("--config_file", str(ROOT / "accelerate" / "zero2.yaml")))
+    assert identical_trained_copies(tmp_path) and len(latest(out).state["trainer"]["optimizer"]) == 2
+    for ours, ddp in zip(metrics(out), metrics(dpo_run[1]), strict=True):
+        assert ours["rewards/margins"] == pytest.approx(ddp["rewards/margins"], abs=1e-4)
