@@ -7,6 +7,7 @@ frozen weights' elements it holds, of how many, to DUMP_DIR/rank-R.held.json (Ze
 """
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,7 +16,23 @@ from safetensors.torch import save_file
 from rlhf_recipes.runtime import distributed
 from rlhf_recipes.config.recipe import apply_overrides, load_recipe
 
+def poison_pass(n: int) -> None:
+    """Make the n-th training pass's DPO loss NaN (RLHF_TEST_NAN_AT_PASS): an update abandoned part way."""
+    from rlhf_recipes.trl_backend import dpo
+
+    original, calls = dpo.dpo_batch_loss, [0]
+
+    def poisoned(trainer, rows, train=True):
+        loss, metrics = original(trainer, rows, train)
+        calls[0] += train
+        return (loss * float("nan"), metrics) if train and calls[0] == n else (loss, metrics)
+
+    dpo.dpo_batch_loss = poisoned
+
+
 if __name__ == "__main__":
+    if os.environ.get("RLHF_TEST_NAN_AT_PASS"):
+        poison_pass(int(os.environ["RLHF_TEST_NAN_AT_PASS"]))
     dump, name, overrides = Path(sys.argv[1]), sys.argv[2], [a for a in sys.argv[3:] if a != "--resume"]
     distributed.init()  # before any model is loaded, as the command line does
     from rlhf_recipes.loops.training import train

@@ -173,8 +173,17 @@ def test_resume_on_two_machines_continues_the_run_exactly(api_run, tmp_path):
     assert main(["quickstart", *QUICKSTART, f"run.output_dir={out}", "run.steps=4", "--resume"]) == 2
     assert (out / "metrics.jsonl").read_bytes() == before
     recipe = apply_overrides(load_recipe("quickstart"), [*QUICKSTART, f"run.output_dir={out}", "run.steps=4"])
-    with pytest.raises(RecipeError, match="trained without DeepSpeed"):  # its optimizer state is whole
-        resume_point(out, recipe, processes=2, deepspeed=True)
+    with pytest.raises(RecipeError, match="trained without DeepSpeed, not DeepSpeed ZeRO-2"):  # its state is whole
+        resume_point(out, recipe, processes=2, deepspeed=2)
+
+
+@pytest.mark.parametrize("flag, stage", [(False, 0), (True, 2), (2, 2), (3, 3)])
+def test_a_checkpoint_knows_its_zero_stage(flag, stage):
+    """Each ZeRO stage splits the optimizer state its own way, so a resume must find its own; the
+    checkpoints of releases before ZeRO-3 ran hold a flag, which meant ZeRO-2."""
+    from rlhf_recipes.runtime.checkpoint import Checkpoint, zero_stage
+
+    assert zero_stage(Checkpoint(Path("."), 1, {"deepspeed": flag}, [])) == stage
 
 
 def test_a_batch_non_finite_on_one_process_is_skipped_by_all(tiny_dir, tmp_path):
@@ -442,9 +451,9 @@ def holds_half_of_the_frozen_weights(root: Path) -> bool:
 
 @needs_deepspeed
 def test_dpo_under_zero3_partitions_the_weights_resumes_and_matches_ddp(dpo_run, tmp_path_factory):
-    """accelerate/zero3.yaml as shipped: every weight partitioned between the processes, gathered
-    for the main process's evaluation and saving; stopped after step 2 and resumed, it ends where
-    DDP's uninterrupted run did, to float rounding."""
+    """accelerate/zero3.yaml as shipped: every weight partitioned between the processes, each layer
+    gathered as it runs, in training and in the evaluation every process runs alike; stopped after
+    step 2 and resumed, it ends where DDP's uninterrupted run did, to float rounding."""
     root = tmp_path_factory.mktemp("zero3_dpo")
     out = root / "run"
     shutil.copytree(dpo_run[1] / "stages", out / "stages")  # stages do not train under ZeRO-3
@@ -459,7 +468,7 @@ def test_dpo_under_zero3_partitions_the_weights_resumes_and_matches_ddp(dpo_run,
         assert torch.allclose(resumed[name], value, atol=2e-4), name  # a step moves them about 2e-3
     for ours, ddp in zip(metrics(out), metrics(dpo_run[1]), strict=True):
         assert ours["step"] == ddp["step"] and ours["rewards/margins"] == pytest.approx(ddp["rewards/margins"], abs=1e-3)
-    # the main process evaluates alone with the weights gathered whole: DDP's evaluation, to rounding
+    # evaluated on every process alike, layer by layer: DDP's evaluation, to rounding
     ours, ddp = (json.loads((d / "eval.json").read_text()) for d in (out, dpo_run[1]))
     assert ours["before"]["policy"]["kl"]["mean"] == 0.0
     for key in ("reward", "kl"):
@@ -494,3 +503,22 @@ def test_dpo_under_zero2_matches_ddp(dpo_run, tmp_path):
     assert identical_trained_copies(tmp_path) and len(latest(out).state["trainer"]["optimizer"]) == 2
     for ours, ddp in zip(metrics(out), metrics(dpo_run[1]), strict=True):
         assert ours["rewards/margins"] == pytest.approx(ddp["rewards/margins"], abs=1e-4)
+
+
+@needs_deepspeed
+def test_an_update_abandoned_part_way_under_zero3_leaves_no_gradient_behind(dpo_run, tmp_path):
+    """A loss that is not finite in an update's second accumulation pass skips the batch: the
+    first pass's gradients must go too (from DeepSpeed's own stores under ZeRO-3), so the run
+    goes on exactly as DDP's does."""
+    args = ["quickstart_dpo", *DPO_QUICKSTART, "dpo.gradient_accumulation_steps=2", "run.steps=3"]
+    outs = {}
+    for name, launcher in (("ddp", ("--multi_gpu",)), ("zero3", ZERO3)):
+        outs[name] = tmp_path / name / "run"
+        shutil.copytree(dpo_run[1] / "stages", outs[name] / "stages")
+        launch(str(TESTS / "ddp_worker.py"), str(tmp_path / name), *args, f"run.output_dir={outs[name]}",
+               env={"RLHF_TEST_NAN_AT_PASS": "2"}, launcher=launcher)
+    ddp, zero3 = metrics(outs["ddp"]), metrics(outs["zero3"])
+    assert [r["step"] for r in ddp] == [r["step"] for r in zero3] == [2, 3]  # step 1 skipped
+    for ours, theirs in zip(zero3, ddp):
+        assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-4)  # no stale first pass
+        assert ours["rewards/margins"] == pytest.approx(theirs["rewards/margins"], abs=1e-4)

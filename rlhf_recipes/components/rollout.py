@@ -161,11 +161,8 @@ def generate(model, tokenizer, queries: list[torch.Tensor], lengths: list[int], 
             if compiled:
                 compiled_decoding(config)
             with no_model_defaults(model):
-                # synced_gpus off: under ZeRO-3 transformers would step every process in lockstep,
-                # and the main process samples for the evaluation alone (the others wait, the
-                # weights gathered whole: trl_backend.whole_model)
                 out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                     generation_config=config, synced_gpus=False)
+                                     generation_config=config)
             if compiled:
                 compat.drop_static_cache(_base(model))
             # a decoder's output from its start token, which stays (PPO scores it as given); a causal

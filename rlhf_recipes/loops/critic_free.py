@@ -76,7 +76,8 @@ def train_critic_free(recipe: Recipe, resume: bool = False) -> TrainResult:
         trainer = trl_backend.make_critic_free_trainer(cfg, recipe.generation, started.policy.pretrained_model,
                                                        started.tokenizer, prompts.train, reward, run.steps, run.seed,
                                                        Path(work), processes, started.deepspeed)
-    started.whole_model = lambda: trl_backend.whole_model(trainer)
+    started.partitioned = trl_backend.partitioned(trainer)
+    started.trainable_whole = lambda: trl_backend.trainable_whole(trainer)
     set_seed(run.seed, device_specific=True)  # seed + rank: each process samples its own responses
     evaluation, records, start, skipped, bad_in_row = start_records(
         started, lambda state: load_trainer_state(trainer, state["trainer"]))
@@ -96,7 +97,7 @@ def train_critic_free(recipe: Recipe, resume: bool = False) -> TrainResult:
     def save_checkpoint(done: int) -> Path:
         rngs = distributed.gather([checkpoint.rng_state()])  # each process's own, to resume its own sampling
         state = {"trainer": trainer_state(trainer, all_processes=True), "num_prompts": len(prompts.train),
-                 "processes": processes, "deepspeed": started.deepspeed is not None, "skipped": skipped,
+                 "processes": processes, "deepspeed": distributed.zero_stage(trainer.accelerator), "skipped": skipped,
                  "bad_in_row": bad_in_row, "evaluation": evaluation}
         return distributed.from_main(checkpoint.save(out, done, state, records, run.keep_checkpoints, rngs)
                                      if main else None)

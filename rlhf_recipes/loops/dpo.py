@@ -101,7 +101,8 @@ def train_dpo(recipe: Recipe, resume: bool = False) -> TrainResult:
                                                steps, run.seed, Path(work), cfg.gradient_checkpointing,
                                                chat=recipe.prompts if recipe.prompts.chat_template else None,
                                                deepspeed=started.deepspeed)
-    started.whole_model = lambda: trl_backend.whole_model(trainer)
+    started.partitioned = trl_backend.partitioned(trainer)
+    started.trainable_whole = lambda: trl_backend.trainable_whole(trainer)
 
     def evaluate_now(step: int, check: bool = False) -> dict:
         record = started.held_out(step, check)  # the recipe's reward and KL of samples, as for PPO,
@@ -130,7 +131,7 @@ def train_dpo(recipe: Recipe, resume: bool = False) -> TrainResult:
         rngs = distributed.gather([checkpoint.rng_state()])
         state = {"trainer": trl_backend.trainer_state(trainer, all_processes=True), "num_pairs": len(train_rows),
                  "num_prompts": len(started.prompts.train), "processes": processes,
-                 "deepspeed": started.deepspeed is not None,
+                 "deepspeed": distributed.zero_stage(trainer.accelerator),
                  "skipped": skipped, "bad_in_row": bad_in_row, "evaluation": evaluation}
         return distributed.from_main(checkpoint.save(out, done, state, records, run.keep_checkpoints, rngs)
                                      if main else None)

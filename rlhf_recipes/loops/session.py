@@ -65,17 +65,22 @@ class Started:
     """The recipe after its stages (policy.model and reward.model at their outputs), once load_models ran."""
     reward_fn: object = None
     policy: object = None
-    whole_model: Callable[[], ContextManager] = contextlib.nullcontext
-    """Entered by every process around what the main one does alone with the policy (evaluate,
-    save): under ZeRO-3, which partitions the weights, it gathers them whole (trl_backend.whole_model)."""
+    partitioned: bool = False
+    """Whether the policy's weights are partitioned between the processes (DeepSpeed ZeRO-3)."""
+    trainable_whole: Callable[[], ContextManager] = contextlib.nullcontext
+    """Entered by every process around the main one's saving of the adapter: under ZeRO-3 it
+    gathers the trainable weights whole (trl_backend.trainable_whole)."""
 
     def held_out(self, step: int, check: bool = False) -> dict:
-        """The held-out evaluation at `step`, on the main process (the others wait for its result)."""
+        """The held-out evaluation at `step`, on the main process while the others wait for its
+        result; or, with the weights partitioned, on every process alike (each layer gathered as
+        it runs, the whole model never held by one), the main one's result kept."""
         main = self.state.is_main_process
-        with self.whole_model():
-            return distributed.from_main(evaluate(self.policy, self.tokenizer, self.reward_fn, self.prompts.heldout,
-                                                  self.trained, self.state.device, step, check_reference=check)
-                                         if main else None)
+        if not (main or self.partitioned):
+            return distributed.from_main(None)
+        result = evaluate(self.policy, self.tokenizer, self.reward_fn, self.prompts.heldout, self.trained,
+                          self.state.device, step, check_reference=check)
+        return distributed.from_main(result if main else None)
 
 
 def begin(recipe: Recipe, resume: bool) -> Started:
@@ -99,7 +104,8 @@ def begin(recipe: Recipe, resume: bool) -> Started:
     busy = startup.set_threads(run, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if busy:
         console.print(f"[yellow]warning:[/] {busy}", soft_wrap=True)
-    saved = checkpoint.resume_point(out, recipe, state.num_processes, deepspeed is not None) if resume else None
+    stage = int(deepspeed.zero_stage) if deepspeed is not None else 0
+    saved = checkpoint.resume_point(out, recipe, state.num_processes, stage) if resume else None
     tokenizer = load_tokenizer("policy.model", recipe.policy.model, recipe.policy.trust_remote_code)
     encoder_decoder = seq2seq.is_encoder_decoder(load_config(recipe.policy))
     with state.main_process_first():  # one process fills the datasets cache
@@ -186,7 +192,7 @@ def finish(run: Started, evaluation: dict, records: list[dict], tracked, steps: 
     """Save the policy, show the last samples (`last`: prompts, responses, rewards), evaluate
     after training (with `evaluate_now(step, check)`, run.held_out by default) and write the report."""
     out, main, ppo = run.out, run.state.is_main_process, run.recipe.ppo is not None
-    with run.whole_model():
+    with run.trainable_whole():
         if main:
             save_policy(run.policy, run.tokenizer, out / MODEL, value_head=ppo)
         distributed.barrier()

@@ -87,8 +87,8 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     def save_checkpoint(done: int) -> Path:
         rngs = distributed.gather([checkpoint.rng_state()])  # each process's own, to resume its own sampling
         saved = {"trainer": ppo.trainer_state(trainer, all_processes=True), "num_prompts": len(prompts.train),
-                 "processes": processes, "deepspeed": deepspeed is not None, "skipped": skipped,
-                 "bad_in_row": bad_in_row, "evaluation": evaluation}
+                 "processes": processes, "deepspeed": distributed.zero_stage(trainer.accelerator),
+                 "skipped": skipped, "bad_in_row": bad_in_row, "evaluation": evaluation}
         return distributed.from_main(checkpoint.save(out, done, saved, records, run.keep_checkpoints, rngs)
                                      if main else None)
 

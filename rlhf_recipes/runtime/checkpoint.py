@@ -85,9 +85,10 @@ def latest(out: Path) -> Checkpoint | None:
     return Checkpoint(path=path, step=saved["step"], state=state, metrics=read_jsonl(path / "metrics.jsonl"))
 
 
-def resume_point(out: Path, recipe, processes: int, deepspeed: bool) -> Checkpoint | None:
-    """The checkpoint to resume from, after checking the recipe, the process count and whether
-    DeepSpeed runs (which splits the optimizer state between processes) are the run's."""
+def resume_point(out: Path, recipe, processes: int, deepspeed: int) -> Checkpoint | None:
+    """The checkpoint to resume from, after checking the recipe, the process count and the ZeRO
+    stage (`deepspeed`: 0 without DeepSpeed; each stage splits the optimizer state its own way)
+    are the run's."""
     if not (out / RECIPE).is_file():
         console.print(f"--resume: nothing to resume in {out}; starting a new run")
         return None
@@ -99,11 +100,19 @@ def resume_point(out: Path, recipe, processes: int, deepspeed: bool) -> Checkpoi
         raise RecipeError(f"--resume: the run in {str(out)!r} was trained by {saved.state.get('processes', 1)} "
                           f"process(es), not {processes}; resume it with as many (accelerate launch --num_processes "
                           "N), since each step's batch is split between them")
-    elif saved.state.get("deepspeed", False) != deepspeed:
-        raise RecipeError(f"--resume: the run in {str(out)!r} was trained {'with' if not deepspeed else 'without'} "
-                          "DeepSpeed, whose optimizer state is split between processes; resume it with the same "
+    elif zero_stage(saved) != deepspeed:
+        how = lambda stage: f"DeepSpeed ZeRO-{stage}" if stage else "without DeepSpeed"  # noqa: E731
+        raise RecipeError(f"--resume: the run in {str(out)!r} was trained {how(zero_stage(saved))}, not "
+                          f"{how(deepspeed)}, which splits the optimizer state otherwise; resume it with the same "
                           "accelerate launch --config_file")
     return saved
+
+
+def zero_stage(saved: Checkpoint) -> int:
+    """The ZeRO stage a checkpoint was trained under (0: none); before ZeRO-3 ran, a flag, and
+    DeepSpeed meant ZeRO-2."""
+    stage = saved.state.get("deepspeed", False)
+    return 2 if stage is True else int(stage)
 
 
 def check_steps(saved: Checkpoint | None, steps: int, out: Path) -> None:

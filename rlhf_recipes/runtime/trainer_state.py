@@ -56,9 +56,9 @@ def load_trainer_state(trainer, state: dict) -> None:
     if _sharded(trainer):  # DeepSpeed takes every process's share and reads its own; after the
         # parameters, from which it rebuilds its fp32 copy of them
         optimizer = optimizer if isinstance(optimizer, list) else [optimizer] * distributed.world()[1]
-        # what a checkpoint cannot hold (ZeRO-3 reads its loss scaler object back): kept as it is
-        current = trainer.optimizer.state_dict()
-        optimizer = [{**{k: v for k, v in current.items() if k not in share}, **share} for share in optimizer]
+        # the one thing a checkpoint cannot hold, ZeRO-3's loss scaler object: kept as it is
+        scaler = trainer.optimizer.state_dict().get("loss_scaler")
+        optimizer = [{"loss_scaler": scaler, **share} if scaler is not None else share for share in optimizer]
     trainer.optimizer.load_state_dict(optimizer)
     if trainer.lr_scheduler is not None and state["lr_scheduler"] is not None:
         trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])

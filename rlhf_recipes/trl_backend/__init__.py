@@ -10,9 +10,9 @@ from .critic_free import make_trainer as make_critic_free_trainer
 from .critic_free import metrics as critic_free_metrics
 from .critic_free import update as critic_free_update
 from .dpo import dpo_batch_loss, dpo_update, make_dpo_trainer
-from .driven import whole_model
+from .driven import partitioned, trainable_whole
 from .stages import train_reward_model, train_seq2seq_sft, train_sft
 
-__all__ = ["RecipeReward", "check_vllm", "critic_free_metrics", "critic_free_update", "dpo_batch_loss", "dpo_update",
+__all__ = ["RecipeReward", "check_vllm", "partitioned", "critic_free_metrics", "critic_free_update", "dpo_batch_loss", "dpo_update",
            "load_trainer_state", "make_critic_free_trainer", "make_dpo_trainer", "sample_and_score",
-           "train_reward_model", "train_seq2seq_sft", "train_sft", "trainer_state", "whole_model"]
+           "train_reward_model", "train_seq2seq_sft", "train_sft", "trainable_whole", "trainer_state"]

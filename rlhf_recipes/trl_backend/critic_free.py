@@ -214,7 +214,7 @@ def _before_update(trainer) -> dict | None:
 
 
 def _undo(trainer, state: dict | None) -> None:
-    trainer.optimizer.zero_grad(set_to_none=True)
+    driven.drop_gradients(trainer)
     if state is not None:
         load_trainer_state(trainer, state)
     return None

@@ -160,7 +160,7 @@ def dpo_update(trainer: DPOTrainer, rows: list[dict]) -> dict[str, float] | None
     for start in range(0, len(rows), size):
         loss, metrics = dpo_batch_loss(trainer, rows[start:start + size])
         if distributed.any_process(not bool(torch.isfinite(loss))):
-            trainer.optimizer.zero_grad(set_to_none=True)
+            driven.drop_gradients(trainer)
             return None
         driven.backward(trainer, loss / passes, last=start + size >= len(rows))
         for k, v in {"loss": float(loss.detach()), **metrics}.items():

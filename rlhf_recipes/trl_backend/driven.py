@@ -2,7 +2,7 @@
 step instead of calling its train(): the trainer made ready for it, the backward passes and one
 optimizer step with the gradients averaged over processes, as DDP would average them, or as
 DeepSpeed reduces them (ZeRO-2 and ZeRO-3, under `accelerate launch --config_file
-accelerate/zero3.yaml`), and the whole model, for what the main process does with it alone."""
+accelerate/zero3.yaml`), and the trainable weights gathered whole for the main process to save."""
 from __future__ import annotations
 
 import contextlib
@@ -63,26 +63,41 @@ def backward(trainer, loss: torch.Tensor, last: bool) -> None:
     engine.backward(loss, scale_wrt_gas=False)  # the loss is already divided by the passes
 
 
+def drop_gradients(trainer) -> None:
+    """Drop the gradients accumulated so far: an update abandoned part way, for a non-finite loss.
+    Under DeepSpeed accelerate's optimizer wrapper drops nothing: its ZeRO optimizer does, and
+    ZeRO-2 keeps a partial accumulation of its own until the boundary."""
+    engine = _engine(trainer)
+    if engine is None:
+        trainer.optimizer.zero_grad(set_to_none=True)
+        return
+    zero = engine.optimizer
+    zero.zero_grad(set_to_none=True)  # ZeRO-3: its gradient partitions, and its micro-step count
+    for store in (getattr(zero, "all_grad_tensors", None), getattr(zero, "averaged_gradients", None)):
+        for key in store or {}:  # ZeRO-2's, by parameter group
+            store[key] = None
+
+
 def optimizer_step(trainer, params: list[torch.nn.Parameter]) -> tuple[float, float] | None:
     """One optimizer and schedule step on `params`' accumulated gradients, averaged over the
     processes and clipped to trainer.args.max_grad_norm: (gradient norm, the learning rate it
     stepped with), or None, with the gradients dropped and nothing stepped, when the norm is not
     finite (the same on every process: they hold the same averaged gradients).
 
-    Under DeepSpeed the engine reduces, clips and steps; in fp32 it checks no gradient before it
-    steps, so a non-finite norm there stops the run (the last checkpoint is whole)."""
+    Under DeepSpeed the engine reduces, clips and steps, and skips a step whose gradient norm is
+    not finite itself (0.19 does at every stage); one it applied anyway stops the run."""
     engine = _engine(trainer)
     if engine is not None:
         rate = trainer.lr_scheduler.get_last_lr()[0]
         engine.step()
         norm = engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")  # None: DeepSpeed was told not to clip
-        if not engine.was_step_applied():  # fp16's loss scaler skipped it
+        if not engine.was_step_applied():  # a norm that was not finite: DeepSpeed dropped the gradients
             return None
         if trainer.args.max_grad_norm and not math.isfinite(norm):
             from ..config.sections import RecipeError
 
-            raise RecipeError("the gradient was not finite, and DeepSpeed applied it (in fp32 it checks none): "
+            raise RecipeError("the gradient was not finite, and DeepSpeed applied it: "
                               "resume from the last checkpoint with a lower learning rate")
         with warnings.catch_warnings():  # torch sees no step of the wrapper: DeepSpeed's engine took it
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
@@ -94,7 +109,7 @@ def optimizer_step(trainer, params: list[torch.nn.Parameter]) -> tuple[float, fl
     distributed.average([p.grad for p in params])  # as DDP would: every process steps alike
     norm = float(torch.nn.utils.clip_grad_norm_(params, trainer.args.max_grad_norm or float("inf")))
     if not torch.isfinite(torch.tensor(norm)):
-        trainer.optimizer.zero_grad(set_to_none=True)
+        drop_gradients(trainer)
         return None
     rate = trainer.lr_scheduler.get_last_lr()[0]  # this step's
     trainer.optimizer.step()
@@ -103,30 +118,16 @@ def optimizer_step(trainer, params: list[torch.nn.Parameter]) -> tuple[float, fl
     return norm, rate
 
 
-def whole_model(trainer):
-    """A context every process enters around what the main one does alone with the policy
-    (evaluate, save): under ZeRO-3 the weights are gathered whole on every process for its
-    duration, and DeepSpeed's hooks, which would gather each layer collectively, are lifted."""
-    engine = _engine(trainer)
-    if engine is None or distributed.zero_stage(trainer.accelerator) != 3:
+def partitioned(trainer) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions the policy's weights between the processes."""
+    return _engine(trainer) is not None and distributed.zero_stage(trainer.accelerator) == 3
+
+
+def trainable_whole(trainer):
+    """A context every process enters around the main one's saving of the adapter: under ZeRO-3
+    the trainable weights are gathered whole for its duration (the frozen base stays partitioned)."""
+    if not partitioned(trainer):
         return contextlib.nullcontext()
-    return _gathered_without_hooks(engine)
-
-
-@contextlib.contextmanager
-def _gathered_without_hooks(engine):
     import deepspeed
-    from trl.models.utils import add_hooks, remove_hooks
 
-    # TRL's remove_hooks lifts the per-layer hooks but leaves the top module's start-of-forward
-    # hook, whose check is a collective: fine when every process samples, as TRL's do, not here
-    start = engine.optimizer.parameter_offload.fwd_pre_hook
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-        remove_hooks(engine)
-        hooks = start.hooks_dict_ref()
-        first = hooks.pop(start.id)
-        try:
-            yield
-        finally:
-            hooks[start.id] = first  # before the others, as DeepSpeed registered it
-            add_hooks(engine)
+    return deepspeed.zero.GatheredParameters([p for p in trainer.model.parameters() if p.requires_grad])
