@@ -160,9 +160,11 @@ def deepspeed_plugin(recipe) -> DeepSpeedPlugin | None:
 
     method = recipe.method
     if engine() == "fsdp":
+        instead = ("accelerate/ddp.yaml or zero2.yaml (PPO samples with the whole policy on every process)"
+                   if method == "ppo" else "accelerate/zero3.yaml (DeepSpeed ZeRO-3), which partitions the weights "
+                   "the same way")
         raise RecipeError(f"FSDP is not supported for {method.upper()}: accelerate runs FSDP on GPUs only, so it is "
-                          "untested here; use accelerate/zero3.yaml (DeepSpeed ZeRO-3), which partitions the weights "
-                          "the same way" if method != "ppo" else _NOT_ZERO3.replace("ZeRO-3", "FSDP"))
+                          f"untested here; use {instead}")
     if engine() != "deepspeed":
         return None
     from accelerate.utils import DeepSpeedPlugin
@@ -178,8 +180,10 @@ def deepspeed_plugin(recipe) -> DeepSpeedPlugin | None:
                               "policy.quantization=none with ZeRO-3")
     cfg, processes = getattr(recipe, method), world()[1]
     passes = cfg.gradient_accumulation_steps
-    micro = {"ppo": lambda: cfg.mini_batch_size, "dpo": lambda: cfg.batch_size // (processes * passes)}.get(
-        method, lambda: cfg.batch_size * cfg.num_generations // (processes * passes))()
+    if method == "ppo":  # its batch is per process, its minibatch one pass
+        micro = cfg.mini_batch_size
+    else:  # a step's pairs or samples, shared by the processes, each share in `passes`
+        micro = (cfg.batch_size if method == "dpo" else cfg.batch_size * cfg.num_generations) // (processes * passes)
     wanted = {"train_micro_batch_size_per_gpu": (f"{method}'s micro batch", micro),
               "gradient_accumulation_steps": (f"{method}.gradient_accumulation_steps", passes),
               "gradient_clipping": (f"{method}.max_grad_norm", cfg.max_grad_norm or 0.0),  # 0: DeepSpeed does not clip
