@@ -31,7 +31,7 @@ def trainer_state(trainer, all_processes: bool = False) -> dict:
     if gather:
         optimizer = distributed.gather([optimizer])
     trainable = [(n, p) for n, p in _policy(trainer).named_parameters() if p.requires_grad]
-    with _gathered([p for _, p in trainable], modify=False):
+    with gathered([p for _, p in trainable], modify=False):
         params = {n: p.detach().clone() for n, p in trainable}
     return {
         "params": params,
@@ -49,7 +49,7 @@ def load_trainer_state(trainer, state: dict) -> None:
     if missing:
         raise RecipeError(f"the checkpoint's trainable parameters do not match the policy (e.g. {missing[0]}); "
                           "resume with the recipe the run was trained with")
-    with torch.no_grad(), _gathered([params[name] for name in state["params"]], modify=True):
+    with torch.no_grad(), gathered([params[name] for name in state["params"]], modify=True):
         for name, value in state["params"].items():
             params[name].copy_(value)
     optimizer = _plain(state["optimizer"])  # a copy: loading may alias the tensors
@@ -68,7 +68,7 @@ def load_trainer_state(trainer, state: dict) -> None:
         setattr(trainer.running, key, value)
 
 
-def _gathered(params: list[torch.nn.Parameter], modify: bool):
+def gathered(params: list[torch.nn.Parameter], modify: bool):
     """Every process enters it: under ZeRO-3, which partitions each parameter between the processes,
     `params` are whole inside it (and, with `modify`, what the main process writes into them is
     partitioned again on leaving); otherwise it does nothing."""

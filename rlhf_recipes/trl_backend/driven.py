@@ -5,7 +5,6 @@ DeepSpeed reduces them (ZeRO-2 and ZeRO-3, under `accelerate launch --config_fil
 accelerate/zero3.yaml`), and the trainable weights gathered whole for the main process to save."""
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 
@@ -13,6 +12,7 @@ import torch
 
 from ..components import compat
 from ..runtime import distributed
+from ..runtime.trainer_state import gathered
 
 
 def device_args() -> dict:
@@ -126,8 +126,4 @@ def partitioned(trainer) -> bool:
 def trainable_whole(trainer):
     """A context every process enters around the main one's saving of the adapter: under ZeRO-3
     the trainable weights are gathered whole for its duration (the frozen base stays partitioned)."""
-    if not partitioned(trainer):
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters([p for p in trainer.model.parameters() if p.requires_grad])
+    return gathered([p for p in trainer.model.parameters() if p.requires_grad], modify=False)
